@@ -1,0 +1,145 @@
+"""The engine interface both services are written against, and its plain data types.
+
+An engine owns one model and its tokenizer. It scores token sequences (teacher), samples
+completions with the logprob of each sampled token (rollout), and, when the service allows it,
+swaps its weights. Two backends implement it: `vllm` (vLLM's AsyncLLM) and `hf` (transformers,
+the reference the other is tested against).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    """How to load and run a model. Backends ignore knobs that do not apply to them."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="hub id or local path of a transformers checkpoint")
+    backend: Literal["vllm", "hf"] = "hf"
+    served_model_name: str | None = Field(None, description="name in /v1/models; default: model")
+    tokenizer: str | None = Field(None, description="tokenizer path or id; default: model")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = Field("auto", description="hf backend: 'cpu', 'cuda', 'cuda:1', or 'auto'")
+    max_model_len: int | None = Field(None, ge=2, description="default: the model's own")
+    seed: int = 0
+    trust_remote_code: bool = False
+    # vllm backend
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    enforce_eager: bool = False
+    max_num_seqs: int = Field(256, ge=1)
+    # hf backend: dynamic batching
+    max_batch_tokens: int = Field(16384, ge=1, description="hf: padded tokens per forward batch")
+    batch_wait_ms: float = Field(2.0, ge=0.0, description="hf: how long to gather a batch")
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """Score `token_ids[start:]`, each token given all tokens before it."""
+
+    token_ids: list[int]
+    start: int
+    top_k: int = 0
+    temperature: float = 1.0
+
+
+@dataclass
+class ScoreResult:
+    """`logprobs[i] = log p(token_ids[start+i] | token_ids[:start+i])` at the temperature."""
+
+    logprobs: np.ndarray  # float32 [n]
+    top_token_ids: np.ndarray | None = None  # int32 [n, k]
+    top_logprobs: np.ndarray | None = None  # float32 [n, k]
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Sampling parameters of one generate call (applied to every prompt in it)."""
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    top_logprobs: int = 0  # OpenAI `logprobs`/`top_logprobs`: alternatives per sampled token
+
+
+@dataclass
+class GeneratedSample:
+    """One completion. `logprobs[i]` is that of `token_ids[i]` under the sampled distribution
+    (after temperature; greedy at temperature 0 reports the temperature-1 logprob)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: Literal["stop", "length"]
+    top_logprobs: list[dict[int, float]] | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class EngineInfo:
+    model: str
+    served_model_name: str
+    backend: Literal["vllm", "hf"]
+    dtype: str
+    device: str
+    max_model_len: int
+    vocab_size: int
+    tokenizer_fingerprint: str
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+class WeightsError(ValueError):
+    """A weight update was refused; the engine still serves the old weights."""
+
+
+class Engine(abc.ABC):
+    """One model behind one async interface; both services talk only to this."""
+
+    config: EngineConfig
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self):  # transformers.PreTrainedTokenizerBase
+        """The model's tokenizer (used for chat templates and text forms)."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model; after this `info()` and the work methods are usable."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Free the model and any worker processes."""
+
+    @abc.abstractmethod
+    def info(self) -> EngineInfo:
+        """Static facts about the loaded model."""
+
+    @abc.abstractmethod
+    async def score(self, inputs: Sequence[ScoreInput]) -> list[ScoreResult]:
+        """Per-token logprobs for each input (inputs are already validated)."""
+
+    @abc.abstractmethod
+    async def generate(
+        self, prompts: Sequence[list[int]], spec: SamplingSpec
+    ) -> list[list[GeneratedSample]]:
+        """`spec.n` samples for each prompt; outer list follows `prompts`."""
+
+    @abc.abstractmethod
+    async def load_weights(self, checkpoint_dir: str) -> None:
+        """Replace the weights with those of a validated safetensors directory.
+
+        Raises `WeightsError` (old weights untouched) when the checkpoint does not fit."""
