@@ -100,6 +100,19 @@ def test_tie_gradient_is_not_split() -> None:
     assert logp.grad[0, 0].item() == pytest.approx(-0.5)
 
 
+def test_dual_clip_tie_keeps_full_gradient() -> None:
+    # A < 0 and -A r == -A C exactly: the dual clip is not "taken" (strict >, as verl's
+    # pg_clipfrac_lower) and the whole gradient -A r flows; torch.minimum would halve it.
+    s = torch.zeros(1, 1, dtype=torch.float64)
+    logp = torch.full((1, 1), math.log(3.5), dtype=torch.float64, requires_grad=True)
+    tau = -torch.ones(1, 1, dtype=torch.float64)  # A = -1
+    r = torch.exp(logp.detach() - s).item()  # C == r bit for bit -> exact tie
+    loss, sums = reference_loss(logp, s, tau, torch.ones(1, 1), LossConfig(dual_clip=r))
+    loss.backward()
+    assert loss.item() == r and logp.grad.item() == r
+    assert sums["pg_clipfrac_lower"].item() == 0 and sums["pg_clipfrac"].item() == 0
+
+
 def test_ratio_clamp_kills_gradient_beyond_20() -> None:
     # |logp - s| > 20: ratio = exp(+-20) and, as torch.clamp's backward, zero gradient;
     # exactly at the bound the gradient still flows (torch.clamp is inclusive).
@@ -151,6 +164,15 @@ def test_jsd_is_zero_when_student_equals_teacher() -> None:
     x = torch.linspace(-30, 0, 7, dtype=torch.float64)
     for b in (0.0, 0.3, 0.5, 1.0):
         assert jsd_per_token(x, x, b).abs().max().item() < 1e-12
+
+
+def test_jsd_is_nonpositive_strictly_inside_0_1() -> None:
+    # b log p_tau + (1-b) log p_s <= log(b p_tau + (1-b) p_s) (weighted AM-GM), so j <= 0 and the
+    # jsd advantage -c j is >= 0 for 0 < b < 1: a property of the seed's single-sample j_t.
+    g = torch.Generator().manual_seed(0)
+    s, tau = (-torch.rand(1000, generator=g, dtype=torch.float64) * 10 for _ in range(2))
+    for b in (0.1, 0.3, 0.5, 0.9):
+        assert jsd_per_token(s, tau, b).max().item() <= 1e-12
 
 
 def test_jsd_extreme_logprobs_are_finite() -> None:

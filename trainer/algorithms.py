@@ -80,6 +80,8 @@ def jsd_per_token(s: Tensor, tau: Tensor, lambda_coef: float) -> Tensor:
     ``log M = logsumexp(s + log(1-b), tau + log b)``, ``j = b*(tau - log M) + (1-b)*(s - log M)``.
     The two endpoints are deliberate special cases (the general formula would give 0 and the
     forward-KL-like limit there); the kernel branches on exactly the same float equality.
+    For ``0 < b < 1``, ``j <= 0`` always (weighted AM-GM), so the ``jsd`` advantage is
+    non-negative there and the dual clip never fires.
     """
     b = float(lambda_coef)
     if b == 0.0:
@@ -248,9 +250,7 @@ class LossSums:
     adv_sq: Tensor
 
     def __add__(self, other: LossSums) -> LossSums:
-        return LossSums(
-            *(getattr(self, f) + getattr(other, f) for f in self.field_names())
-        )
+        return LossSums(*(getattr(self, f) + getattr(other, f) for f in self.field_names()))
 
     def __radd__(self, other: object) -> LossSums:
         # Lets the builtin ``sum(parts)`` start from its integer 0.

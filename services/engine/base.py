@@ -106,6 +106,15 @@ class WeightsError(ValueError):
     """A weight update was refused; the engine still serves the old weights."""
 
 
+class EngineRequestError(ValueError):
+    """A request this backend cannot serve as asked (a client error: services answer 400).
+
+    Raised for what the wire models cannot rule out on their own, e.g. a temperature outside
+    the range a backend supports, or a prompt the engine itself rejects. The message names the
+    field (and sequence / prompt index) at fault.
+    """
+
+
 class Engine(abc.ABC):
     """One model behind one async interface; both services talk only to this."""
 

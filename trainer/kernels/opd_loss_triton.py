@@ -12,16 +12,14 @@ same tie-breaking, same clamp-gradient convention) so that it matches the refere
 rounding; change both together.
 
 ``TRITON_INTERPRET=1`` runs the kernel on CPU tensors through Triton's interpreter. Triton reads
-that variable when a function is decorated with ``triton.jit``, so the decoration is done lazily
-at the first launch (and cached per mode): the variable only has to be set before the first
-launch, not before the first import of this module.
+that variable when a function is decorated with ``triton.jit`` -- including its own library
+functions such as ``tl.sum``, decorated when ``triton`` is first imported -- so it must be set
+before ``triton`` is imported at all (``tests/test_kernel.py`` does that).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import triton
@@ -47,7 +45,8 @@ DEFAULT_BLOCK = 1024
 JSD_B0, JSD_B1, JSD_GENERAL = 0, 1, 2
 
 
-def _opd_loss_fwd(
+@triton.jit
+def _opd_loss_fwd_kernel(
     logp_ptr,
     s_ptr,
     tau_ptr,
@@ -98,15 +97,14 @@ def _opd_loss_fwd(
         # log1p(z) without a libdevice call: log(u) * z / (u - 1) with u = 1 + z is accurate to
         # a few ulp (Goldberg's trick); z tiny enough that u == 1 means log1p(z) == z.
         u = 1.0 + z
-        log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
+        u_m1 = u - 1.0
+        # (the inner where only keeps the unselected lane free of 0/0)
+        log1p_z = tl.where(u_m1 == 0.0, z, tl.log(u) * (z / tl.where(u_m1 == 0.0, 1.0, u_m1)))
         log_m = hi + log1p_z
         j = lambda_coef * (tau - log_m) + one_minus_b * (s - log_m)
     j = tl.where(m, j, 0.0)
 
-    if ALGO_JSD:
-        adv = -kl_coef * j
-    else:
-        adv = kl_coef * (tau - s)
+    adv = -kl_coef * j if ALGO_JSD else kl_coef * (tau - s)
     adv = tl.where(m, adv, 0.0)
     neg_adv = -adv
 
@@ -153,23 +151,12 @@ def _opd_loss_fwd(
     tl.store(row + 8, tl.sum(adv * adv, axis=0))
 
 
-_JITTED: dict[bool, Any] = {}
+def interpreted() -> bool:
+    """Whether this module's kernel was built for Triton's CPU interpreter.
 
-
-def interpret_mode() -> bool:
-    """Whether Triton currently runs kernels through its CPU interpreter (``TRITON_INTERPRET``).
-
-    Read through Triton's own knob, which re-reads the environment on every access (and honours
-    a programmatic ``triton.knobs.runtime.interpret = True``).
+    True only when ``TRITON_INTERPRET=1`` was set before ``triton`` was imported.
     """
-    return bool(triton.knobs.runtime.interpret)
-
-
-def _kernel() -> Callable[..., Any]:
-    mode = interpret_mode()
-    if mode not in _JITTED:
-        _JITTED[mode] = triton.jit(_opd_loss_fwd)
-    return _JITTED[mode]
+    return type(_opd_loss_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def launch_opd_loss_fwd(
@@ -196,10 +183,10 @@ def launch_opd_loss_fwd(
     :data:`STATS`, ``grad`` ``d loss / d logp`` in ``logp``'s dtype (``None`` unless
     ``write_grad``).
     """
-    if logp.device.type != "cuda" and not interpret_mode():
+    if logp.device.type != "cuda" and not interpreted():
         raise RuntimeError(
-            "the Triton OPD loss kernel needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors "
-            f"(got {logp.device}); use backend='torch' instead"
+            "the Triton OPD loss kernel needs CUDA tensors, or, for CPU tensors, TRITON_INTERPRET=1 "
+            f"set before triton is imported (got {logp.device}); use backend='torch' instead"
         )
     if block_size <= 0 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
@@ -222,7 +209,7 @@ def launch_opd_loss_fwd(
         # as torch does when it adds the Python float math.log(b) to a float32 tensor.
         log_b = math.log(b) if mode == JSD_GENERAL else 0.0
         log_1mb = math.log(1.0 - b) if mode == JSD_GENERAL else 0.0
-        _kernel()[(n_programs,)](
+        _opd_loss_fwd_kernel[(n_programs,)](
             logp_c,
             s_c,
             tau_c,
@@ -247,6 +234,8 @@ def launch_opd_loss_fwd(
             NUM_STATS=NUM_STATS,
             BLOCK=block_size,
             num_warps=4 if block_size <= 1024 else 8,
+            # No FMA contraction: keep the rounding of the reference's separate torch ops.
+            enable_fp_fusion=False,
         )
     sums = partials.sum(0, dtype=torch.float64).to(torch.float32)
     return sums, grad

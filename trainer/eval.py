@@ -1,0 +1,342 @@
+"""GSM8K evaluation: greedy answers, graded (eval/accuracy, eval/format_rate).
+
+The same code grades three kinds of model:
+
+* the student during training, through the rollout service's ``/v1/rollouts`` (greedy);
+* any OpenAI-compatible endpoint (``opd eval --model http://host:8001``, e.g. the teacher),
+  through ``/v1/chat/completions`` at temperature 0;
+* a checkpoint directory (``opd eval --model runs/x/checkpoints/step-000078/model``): a
+  temporary rollout service is started on it (hf backend by default) and used as above.
+
+``measure_reverse_kl`` is the distillation metric: sample from the student, score with the
+teacher, mean per-token ``s - tau`` (a single-sample estimate of KL(student || teacher)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.protocol import RolloutResponse
+from trainer.clients import (
+    RetryPolicy,
+    RolloutClient,
+    ServiceClient,
+    TeacherClient,
+    map_concurrently,
+    rollout_item_arrays,
+)
+from trainer.data import Example, build_messages, load_gsm8k
+from trainer.grading import grade
+
+__all__ = [
+    "EvalResult",
+    "Generate",
+    "RolloutFn",
+    "chat_completions_generator",
+    "eval_main",
+    "evaluate",
+    "measure_reverse_kl",
+    "rollout_generator",
+    "temporary_rollout_service",
+]
+
+log = logging.getLogger("opd.trainer.eval")
+
+#: ``rollout_fn(prompts, n=, max_tokens=, temperature=, seed=) -> RolloutResponse``
+RolloutFn = Callable[..., RolloutResponse]
+#: ``generate(list of chat messages, max_tokens) -> [(text, completion tokens)]``, greedy.
+Generate = Callable[[Sequence[list[dict[str, str]]], int], list[tuple[str, int]]]
+
+
+@dataclass
+class EvalResult:
+    """Graded greedy answers of a set of problems."""
+
+    accuracy: float
+    format_rate: float
+    n: int
+    mean_response_tokens: float
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """The logged scalars."""
+        return {
+            "eval/accuracy": self.accuracy,
+            "eval/format_rate": self.format_rate,
+            "eval/response_length/mean": self.mean_response_tokens,
+            "eval/num_problems": float(self.n),
+        }
+
+
+def evaluate(generate: Generate, examples: Sequence[Example], max_tokens: int) -> EvalResult:
+    """Answer every problem greedily with ``generate`` and grade the answers."""
+    answers = generate([build_messages(ex.question) for ex in examples], max_tokens)
+    records = []
+    for ex, (text, n_tokens) in zip(examples, answers, strict=True):
+        g = grade(text, ex.ground_truth)
+        records.append(
+            {
+                "index": ex.index,
+                "ground_truth": ex.ground_truth,
+                "extracted": g.extracted,
+                "correct": g.correct,
+                "has_answer": g.has_answer,
+                "response_tokens": n_tokens,
+                "response": text,
+            }
+        )
+    n = len(records)
+    return EvalResult(
+        accuracy=sum(r["correct"] for r in records) / n if n else 0.0,
+        format_rate=sum(r["has_answer"] for r in records) / n if n else 0.0,
+        n=n,
+        mean_response_tokens=sum(r["response_tokens"] for r in records) / n if n else 0.0,
+        records=records,
+    )
+
+
+def rollout_generator(
+    rollout_fn: RolloutFn, *, prompts_per_request: int, max_concurrency: int
+) -> Generate:
+    """Greedy answers through ``/v1/rollouts`` (temperature 0, n = 1)."""
+
+    def generate(
+        messages: Sequence[list[dict[str, str]]], max_tokens: int
+    ) -> list[tuple[str, int]]:
+        chunks = [
+            list(messages[i : i + prompts_per_request])
+            for i in range(0, len(messages), prompts_per_request)
+        ]
+
+        def one(chunk: list[list[dict[str, str]]]) -> list[tuple[str, int]]:
+            resp = rollout_fn(
+                [{"messages": m} for m in chunk],
+                n=1,
+                max_tokens=max_tokens,
+                temperature=0.0,
+                seed=0,
+            )
+            items = sorted(resp.data, key=lambda it: (it.prompt_index, it.sample_index))
+            return [(it.text, len(rollout_item_arrays(it)[1])) for it in items]
+
+        return [a for part in map_concurrently(one, chunks, max_concurrency) for a in part]
+
+    return generate
+
+
+def chat_completions_generator(
+    client: ServiceClient, model: str, *, max_concurrency: int
+) -> Generate:
+    """Greedy answers through an OpenAI-compatible ``/v1/chat/completions``."""
+
+    def one(args: tuple[list[dict[str, str]], int]) -> tuple[str, int]:
+        messages, max_tokens = args
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        answer = client.post_json("/v1/chat/completions", body)
+        text = answer["choices"][0]["message"].get("content") or ""
+        tokens = int((answer.get("usage") or {}).get("completion_tokens", 0))
+        return text, tokens
+
+    def generate(
+        messages: Sequence[list[dict[str, str]]], max_tokens: int
+    ) -> list[tuple[str, int]]:
+        return map_concurrently(one, [(m, max_tokens) for m in messages], max_concurrency)
+
+    return generate
+
+
+def measure_reverse_kl(
+    rollout_fn: RolloutFn,
+    teacher: TeacherClient,
+    examples: Sequence[Example],
+    *,
+    samples_per_prompt: int,
+    max_tokens: int,
+    temperature: float,
+    teacher_temperature: float | None = None,
+    seed: int = 0,
+) -> float:
+    """Mean per-token ``s - tau`` over student samples on ``examples`` (nats per token).
+
+    With a fixed ``seed`` the same prompts are sampled the same way before and after
+    training, so the two numbers differ only through the weights.
+    """
+    resp = rollout_fn(
+        [{"messages": build_messages(ex.question)} for ex in examples],
+        n=samples_per_prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    arrays = [rollout_item_arrays(it) for it in resp.data]
+    tau = teacher.score(
+        [a[0] for a in arrays],
+        [a[1] for a in arrays],
+        temperature=teacher_temperature or temperature,
+    )
+    total = sum(float(np.sum(a[2] - t)) for a, t in zip(arrays, tau, strict=True))
+    tokens = sum(len(a[1]) for a in arrays)
+    return total / tokens if tokens else 0.0
+
+
+# --------------------------------------------------------------------------------- opd eval
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def temporary_rollout_service(
+    model: str,
+    *,
+    backend: str = "hf",
+    extra_args: Sequence[str] = (),
+    ready_timeout_s: float = 900.0,
+) -> Iterator[RolloutClient]:
+    """A rollout service subprocess on ``model`` for the duration of the ``with`` block."""
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.student_rollout",
+        "--model",
+        model,
+        "--backend",
+        backend,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        *extra_args,
+    ]
+    log.info("starting a temporary rollout service: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    client = RolloutClient(
+        "rollout", f"http://127.0.0.1:{port}", retry=RetryPolicy(max_attempts=5, deadline_s=60)
+    )
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"the temporary rollout service exited with code {proc.returncode}"
+                )
+            try:
+                client.wait_ready(timeout_s=min(5.0, max(0.1, deadline - time.monotonic())))
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _parse_eval_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="opd eval",
+        description="GSM8K test accuracy (greedy) of an OpenAI-compatible endpoint or a checkpoint.",
+    )
+    p.add_argument(
+        "--model", required=True, help="http(s) URL of a service, or a checkpoint path / hub id"
+    )
+    p.add_argument(
+        "--served-model",
+        default=None,
+        help="model name to request (URL); default: the first of /v1/models",
+    )
+    p.add_argument("--data", default=None, help="GSM8K source (see trainer.data); default: auto")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--limit", type=int, default=None, help="first N problems (default: all)")
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument(
+        "--prompts-per-request",
+        type=int,
+        default=32,
+        help="checkpoint mode: prompts per /v1/rollouts",
+    )
+    p.add_argument(
+        "--backend", default="hf", choices=["hf", "vllm"], help="checkpoint mode: engine backend"
+    )
+    p.add_argument(
+        "--api-key-env", default="OPD_API_KEY", help="env var with the endpoint's API key"
+    )
+    p.add_argument(
+        "--output", default=None, help="directory for eval_results.json and eval_samples.jsonl"
+    )
+    return p.parse_args(list(argv))
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    """``opd eval``: print (and optionally save) accuracy and format rate."""
+    args = _parse_eval_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    examples = load_gsm8k(args.split, args.data, limit=args.limit)
+    api_key = os.environ.get(args.api_key_env) or None
+    start = time.monotonic()
+    if args.model.startswith(("http://", "https://")):
+        client = ServiceClient(
+            "endpoint", args.model, api_key=api_key, max_connections=args.concurrency
+        )
+        try:
+            model = args.served_model or client.get_json("/v1/models")["data"][0]["id"]
+            result = evaluate(
+                chat_completions_generator(client, model, max_concurrency=args.concurrency),
+                examples,
+                args.max_tokens,
+            )
+        finally:
+            client.close()
+    else:
+        with temporary_rollout_service(args.model, backend=args.backend) as rollout:
+            result = evaluate(
+                rollout_generator(
+                    rollout.rollouts,
+                    prompts_per_request=args.prompts_per_request,
+                    max_concurrency=args.concurrency,
+                ),
+                examples,
+                args.max_tokens,
+            )
+    summary = {
+        "model": args.model,
+        "split": args.split,
+        **result.metrics(),
+        "seconds": round(time.monotonic() - start, 2),
+    }
+    print(json.dumps(summary, indent=1))
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_results.json").write_text(json.dumps(summary, indent=1))
+        with open(out / "eval_samples.jsonl", "w", encoding="utf-8") as fh:
+            for record in result.records:
+                fh.write(json.dumps(record) + "\n")
+    return 0

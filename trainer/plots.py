@@ -1,0 +1,144 @@
+"""``opd plot RUN_DIR [RUN_DIR ...]``: PNG plots of one run (or several, overlaid).
+
+Writes into ``RUN_DIR/plots/`` (or ``--out``):
+
+* ``accuracy.png``       -- rollout accuracy per step (GSM8K, graded samples), eval accuracy on top;
+* ``kl.png``             -- per-sequence reverse KL and per-token JSD of the samples (and
+  ``eval/reverse_kl`` on held-out prompts when it was measured);
+* ``eval_accuracy.png``  -- greedy test accuracy and format rate at each evaluation;
+* ``timing.png``         -- per-step time breakdown: rollout / score / train / weight sync;
+* ``loss.png``           -- policy loss, PPO KL, clip fraction and gradient norm.
+
+Matplotlib runs on the Agg backend, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from trainer.observability import read_metrics
+
+__all__ = ["main", "plot_runs"]
+
+TIMING_PARTS = ("timing/rollout_s", "timing/score_s", "timing/train_s", "timing/weight_sync_s")
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in pts], [float(p[1]) for p in pts]
+
+
+def _lines(
+    ax: Any, runs: dict[str, list[dict[str, Any]]], key: str, label: str | None = None, **kw: Any
+) -> bool:
+    drew = False
+    for name, records in runs.items():
+        x, y = _series(records, key)
+        if x:
+            ax.plot(x, y, label=f"{label or key}" + (f" ({name})" if len(runs) > 1 else ""), **kw)
+            drew = True
+    return drew
+
+
+def _finish(fig: Any, ax_list: Sequence[Any], path: Path) -> Path:
+    for ax in ax_list:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
+    """Write the PNGs for ``run_dirs`` into ``out_dir``; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {Path(d).name or str(d): read_metrics(d) for d in run_dirs}
+    if not any(runs.values()):
+        raise FileNotFoundError(f"no metrics.jsonl records in {', '.join(map(str, run_dirs))}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    _lines(ax, runs, "rollout/accuracy/mean", "rollout accuracy")
+    _lines(ax, runs, "eval/accuracy", "eval accuracy (greedy)", marker="o", linestyle="--")
+    ax.set_ylabel("GSM8K accuracy")
+    ax.set_title("Accuracy")
+    written.append(_finish(fig, [ax], out / "accuracy.png"))
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    _lines(axes[0], runs, "rollout/kl_divergence/mean", "reverse KL per sequence (nats)")
+    axes[0].set_title("KL(student || teacher) on the samples")
+    _lines(axes[1], runs, "rollout/jsd/mean", "JSD per token")
+    if _lines(axes[1], runs, "eval/reverse_kl", "eval reverse KL per token", marker="o"):
+        axes[1].set_title("JSD / held-out reverse KL (per token)")
+    else:
+        axes[1].set_title("JSD per token")
+    written.append(_finish(fig, axes, out / "kl.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    _lines(ax, runs, "eval/accuracy", "eval accuracy", marker="o")
+    _lines(ax, runs, "eval/format_rate", "eval format rate", marker="s", linestyle=":")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("GSM8K test (greedy)")
+    written.append(_finish(fig, [ax], out / "eval_accuracy.png"))
+    plt.close(fig)
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 3.5 * len(runs)), squeeze=False)
+    for ax, (name, records) in zip(axes[:, 0], runs.items(), strict=True):
+        steps = [r for r in records if r.get("timing/step_s") is not None]
+        x = [r["step"] for r in steps]
+        bottom = [0.0] * len(steps)
+        for key in TIMING_PARTS:
+            vals = [float(r.get(key) or 0.0) for r in steps]
+            ax.bar(x, vals, bottom=bottom, label=key.split("/")[1].removesuffix("_s"))
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        ax.plot(
+            x, [r["timing/step_s"] for r in steps], color="black", marker=".", label="step (wall)"
+        )
+        ax.set_ylabel("seconds")
+        ax.set_title(f"Time per step: {name}")
+    written.append(_finish(fig, list(axes[:, 0]), out / "timing.png"))
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, key in zip(
+        axes.flat,
+        ("actor/pg_loss", "actor/ppo_kl", "actor/pg_clipfrac", "actor/grad_norm"),
+        strict=True,
+    ):
+        _lines(ax, runs, key)
+        ax.set_title(key)
+    written.append(_finish(fig, list(axes.flat), out / "loss.png"))
+    plt.close(fig)
+    return written
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``opd plot``."""
+    p = argparse.ArgumentParser(prog="opd plot", description="PNG plots of training runs.")
+    p.add_argument("run_dirs", nargs="+", help="run directories (holding metrics.jsonl)")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: RUN_DIR/plots of the first run)"
+    )
+    args = p.parse_args(list(argv))
+    out = args.out or str(Path(args.run_dirs[0]) / "plots")
+    try:
+        written = plot_runs(args.run_dirs, out)
+    except FileNotFoundError as exc:
+        print(f"opd plot: error: {exc}")
+        return 1
+    for path in written:
+        print(path)
+    return 0
