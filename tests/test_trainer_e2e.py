@@ -20,6 +20,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import yaml
@@ -364,6 +365,33 @@ def test_two_process_fsdp_matches_one_process(tmp_path, services, tiny_models, g
     )
 
 
+def test_bounded_staleness_overlaps_sampling_with_training(
+    tmp_path, services, tiny_models, gsm8k_dir
+) -> None:
+    """max_staleness 1: step t+1 is sampled (from the weights before step t) while t trains."""
+    cfg = _small(
+        tmp_path,
+        services,
+        tiny_models,
+        gsm8k_dir,
+        "async",
+        trainer={"total_steps": 4},
+        sync={"max_staleness": 1},
+        checkpoint={"interval": 2},
+    )
+    assert train_main([str(cfg)]) == 0
+    records = read_metrics(tmp_path / "async")
+    assert [r["policy/staleness"] for r in records] == [0, 1, 1, 1]
+    versions = [r["policy/version"] for r in records]
+    assert versions == [versions[0] + i for i in range(4)]
+    assert abs(records[0]["actor/ppo_kl"]) < 1e-4  # fresh weights: ratio 1
+    # The checkpoint stores where the data continues: the batch drawn ahead is drawn again.
+    state = json.loads(
+        (tmp_path / "async" / "checkpoints" / "step-000002" / "trainer_state.json").read_text()
+    )
+    assert state["sampler"]["cursor"] == 2 * 4
+
+
 def test_opd_eval_grades_an_openai_compatible_endpoint(tmp_path, services, gsm8k_dir) -> None:
     """`opd eval --model URL` on the teacher (through /v1/chat/completions, greedy)."""
     out = tmp_path / "eval"
@@ -404,6 +432,71 @@ class _FakeTeacher(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+class _DyingTeacher(BaseHTTPRequestHandler):
+    """Proxies to the real teacher, but answers 503 to every /v1/score after the first two."""
+
+    upstream = ""
+    scores = 0
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        resp = httpx.get(self.upstream + self.path)
+        self._send(resp.status_code, resp.content)
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).scores += 1
+        if type(self).scores > 2:
+            self._send(503, b'{"error": {"message": "overloaded"}}', {"Retry-After": "1"})
+            return
+        resp = httpx.post(
+            self.upstream + self.path, content=body, headers={"Content-Type": "application/json"}
+        )
+        self._send(resp.status_code, resp.content)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_fatal_error_stops_with_a_message_after_saving(
+    tmp_path, services, tiny_models, gsm8k_dir, capsys
+) -> None:
+    _DyingTeacher.upstream = services["teacher"].base_url
+    _DyingTeacher.scores = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _DyingTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = _small(
+            tmp_path,
+            services,
+            tiny_models,
+            gsm8k_dir,
+            "fatal",
+            checkpoint={"interval": 0, "at_end": True},
+            services={
+                "teacher_url": f"http://127.0.0.1:{server.server_port}",
+                "retry_timeout_s": 3,
+            },
+        )
+        assert train_main([str(cfg)]) == 1
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert "teacher POST" in err and "/v1/score" in err and "gave up" in err and "overloaded" in err
+    # Steps 1 and 2 were trained; step 2 was checkpointed on the way out.
+    assert [r["step"] for r in read_metrics(tmp_path / "fatal")] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "fatal" / "checkpoints").glob("step-*")) == [
+        "step-000002"
+    ]
 
 
 def test_tokenizer_mismatch_refuses_to_start(

@@ -1,9 +1,22 @@
 """On-policy distillation losses: the plain-torch reference (the specification).
 
-Everything here follows DESIGN.md section 4 line by line, written for readability, not speed.
-The fused Triton kernel in :mod:`trainer.kernels` must reproduce these numbers to float32
+Everything here follows DESIGN.md section 4 line by line, written for readability, not speed,
+with one deliberate deviation (below). The fused Triton kernel in :mod:`trainer.kernels` must reproduce these numbers to float32
 rounding; ``tests/test_kernel.py`` checks that and ``tests/test_algorithms.py`` checks the
 formulas themselves against hand-computed values.
+
+**Deviation from DESIGN.md section 4: the ``jsd`` cost for ``0 < b < 1``.** DESIGN.md's
+single-sample ``j_t = b (tau - log M) + (1-b) (s - log M)`` (the seed's / Trinity-RFT's) is never
+positive there (weighted AM-GM), so the advantage ``-c j_t`` is never negative and training with it
+pushes the student *away* from the teacher (tiny models: held-out reverse KL 5.29 -> 10.34 in 8
+steps). This module uses ``j_t = s - log M`` instead (same ``log M``; 5.23 -> 2.50), the cost whose
+policy gradient is exact:
+
+    JSD_b(S, T) = b KL(T || M) + (1-b) KL(S || M),   M = b T + (1-b) S,   grad M = (1-b) grad S
+    grad JSD_b = (1-b) sum_y grad S(y) (log S(y) - log M(y))  (the grad M / M terms cancel)
+               = (1-b) E_{y~S}[grad log S(y) (log S(y) - log M(y))]  ((1-b) > 0 folds into c).
+
+``b == 0`` (``s - tau``) and ``b == 1`` (``tau - s``) are kept exactly as DESIGN.md says.
 
 Notation for one batch, all tensors ``[B, T]``:
 
@@ -56,6 +69,9 @@ class LossConfig(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
+    #: advantage: reverse KL ``c (tau - s)`` or generalized JSD ``-c j_t``, for ``0 < b < 1``
+    #: with ``j_t = s - log M`` (exact policy gradient; deviates from DESIGN.md 4, see
+    #: docs/trainer.md)
     algorithm: Literal["on_policy_distill", "jsd"] = "on_policy_distill"
     #: ``c``: scale of the advantage.
     kl_coef: float = pydantic.Field(1.0, allow_inf_nan=False)
@@ -74,14 +90,20 @@ class LossConfig(pydantic.BaseModel):
 
 
 def jsd_per_token(s: Tensor, tau: Tensor, lambda_coef: float) -> Tensor:
-    """Single-sample generalized JSD estimate ``j_t`` (DESIGN section 4, the seed's definition).
+    """Per-token generalized JSD cost ``j_t`` (the advantage of ``jsd`` is ``-c j_t``).
 
-    ``b == 0``: ``s - tau`` (reverse-KL estimate); ``b == 1``: ``tau - s``; otherwise, with
-    ``log M = logsumexp(s + log(1-b), tau + log b)``, ``j = b*(tau - log M) + (1-b)*(s - log M)``.
-    The two endpoints are deliberate special cases (the general formula would give 0 and the
-    forward-KL-like limit there); the kernel branches on exactly the same float equality.
-    For ``0 < b < 1``, ``j <= 0`` always (weighted AM-GM), so the ``jsd`` advantage is
-    non-negative there and the dual clip never fires.
+    ``0 < b < 1``: with ``log M = logsumexp(s + log(1-b), tau + log b)`` (the log of the mixture
+    ``M = b*teacher + (1-b)*student``), ``j = s - log M``. This deviates from DESIGN.md section 4
+    (``b*(tau - log M) + (1-b)*(s - log M)``, which is ``<= 0`` and trains away from the teacher;
+    see the module docstring): ``s - log M`` is the on-policy cost whose policy gradient is exactly
+    ``grad JSD_b / (1-b)``. Its expectation under the student is ``KL(S || M) >= 0``; per token it
+    is positive where the student over-rates the token (``s > tau``) and negative where it
+    under-rates it, so the advantage has both signs and the dual clip can fire.
+
+    ``b == 0``: ``s - tau`` (reverse-KL estimate, the limit of ``s - log M``). ``b == 1``:
+    ``tau - s``, as DESIGN.md says; its advantage ``c (s - tau)`` is the *negated* distillation
+    signal (it rewards moving away from the teacher) and is kept only for compatibility with the
+    seed. The kernel branches on exactly the same float equalities.
     """
     b = float(lambda_coef)
     if b == 0.0:
@@ -89,7 +111,7 @@ def jsd_per_token(s: Tensor, tau: Tensor, lambda_coef: float) -> Tensor:
     if b == 1.0:
         return tau - s
     log_m = torch.logaddexp(s + math.log(1.0 - b), tau + math.log(b))
-    return b * (tau - log_m) + (1.0 - b) * (s - log_m)
+    return s - log_m
 
 
 def compute_advantages(s: Tensor, tau: Tensor, mask: Tensor, cfg: LossConfig) -> Tensor:

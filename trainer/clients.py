@@ -517,7 +517,7 @@ class WeightSync:
                 served_version,
                 self.version,
             )
-            self._send(self._last_dir, self.version, allow_equal=True)
+            self.version = self._send(self._last_dir, self.version)
             return True
 
     # ------------------------------------------------------------------ internals
@@ -543,7 +543,7 @@ class WeightSync:
             return str(Path(self.service_dir) / directory.relative_to(self.shared_dir))
         return str(directory.resolve())
 
-    def _send(self, directory: Path, version: int, allow_equal: bool = False) -> int:
+    def _send(self, directory: Path, version: int) -> int:
         for _ in range(3):
             try:
                 if self.method == "load":

@@ -9,6 +9,7 @@ only: it is logged with its traceback and the server keeps serving.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.engine.base import EngineRequestError
 
 logger = logging.getLogger("opd.services")
 
@@ -204,6 +207,31 @@ async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
     return validation_error_to_api_error(list(exc.errors())).response()
 
 
+_PATH_PREFIX = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\])+(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*)")
+
+
+def engine_request_error_to_api_error(exc: Exception) -> APIError:
+    """An engine's `EngineRequestError` (a request the backend cannot serve as asked) -> 400.
+
+    Engines name the field in the message (`sequences[3].token_ids[2]: ...`,
+    `sequences[0]: temperature 5 is outside [0.01, 2] ...`); `param` is derived from it.
+    """
+    message = str(exc)
+    param = None
+    if "temperature" in message:
+        param = "temperature"
+    else:
+        match = _PATH_PREFIX.match(message)
+        if match:
+            parts = re.findall(r"[A-Za-z_]\w*|\d+", match.group(1))
+            param = param_path([int(p) if p.isdigit() else p for p in parts])
+    return APIError(400, message, param=param, code="unsupported_by_engine")
+
+
+async def _engine_request_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    return engine_request_error_to_api_error(exc).response()
+
+
 async def _http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
@@ -265,4 +293,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(ValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+    app.add_exception_handler(EngineRequestError, _engine_request_error_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

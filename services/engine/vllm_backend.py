@@ -49,8 +49,11 @@ Generation (`generate`): one vLLM request per prompt with `n` samples (vLLM give
     Stopping is vLLM's: EOS (unless `ignore_eos`) and `stop_token_ids` are included in
     `token_ids` (`stop_reason` None for the tokenizer's EOS, the id otherwise); a stop string
     cuts `text` before it while `token_ids` keep every token up to the one completing it;
-    `max_tokens` or reaching `max_model_len` -> `length`. Temperatures in (0, 0.01) and above 2
-    are refused (`EngineRequestError`) for the same reason as in scoring.
+    `max_tokens` or reaching `max_model_len` -> `length`. `text` is the tokenizer's full
+    decode of `token_ids` (special tokens skipped; a stop token left out; cut before a stop
+    string), as in the hf backend: vLLM's own incremental text drops a trailing incomplete
+    UTF-8 character, so it is only used to find stop strings. Temperatures in (0, 0.01) and
+    above 2 are refused (`EngineRequestError`) for the same reason as in scoring.
 
 Weights (`load_weights`): the directory is checked against the initial checkpoint's tensor
     names, shapes and dtypes (safetensors headers only; `services.engine.checkpoint`) before
@@ -106,7 +109,7 @@ from .base import (
 )
 from .checkpoint import CheckpointSpec, expected_spec_from_checkpoint, validate_checkpoint_dir
 from .fingerprint import tokenizer_fingerprint
-from .tokenization import load_tokenizer, resolve_eos_ids
+from .tokenization import decode, load_tokenizer, resolve_eos_ids
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -153,6 +156,24 @@ def _resolve_model_dir(model: str) -> Path | None:
         return None
 
 
+def _import_vllm() -> None:
+    """Import every vLLM module this backend uses, once, off the event loop (it takes seconds).
+
+    Doing it here rather than lazily inside the methods also matters for shutdown: an import
+    run from inside `start` left a frame of `start` (holding the AsyncLLM) referenced from an
+    import traceback vLLM keeps, so the AsyncLLM outlived `shutdown` and its `__del__` failed
+    at interpreter exit.
+    """
+    import vllm  # noqa: F401
+    import vllm.engine.arg_utils  # noqa: F401
+    import vllm.exceptions  # noqa: F401
+    import vllm.inputs  # noqa: F401
+    import vllm.platforms  # noqa: F401
+    import vllm.sampling_params  # noqa: F401
+    import vllm.v1.engine.async_llm  # noqa: F401
+    import vllm.v1.metrics.prometheus  # noqa: F401
+
+
 async def _gather_or_cancel(aws: Iterable[Awaitable[_T]]) -> list[_T]:
     """`asyncio.gather`, but the first failure cancels the rest (aborting their vLLM requests)
     and is re-raised as itself, not wrapped in an ExceptionGroup."""
@@ -184,7 +205,11 @@ class _KindGate:
     def __init__(self) -> None:
         self._running: dict[str, int] = {"token_ids": 0, "top_k": 0}
         self._waiting: dict[str, int] = {"token_ids": 0, "top_k": 0}
-        self._cond: asyncio.Condition | None = None
+        # Set (and replaced) whenever a holder leaves; created lazily on the engine's loop.
+        self._changed: asyncio.Event | None = None
+
+    def _may_enter(self, kind: str, other: str) -> bool:
+        return self._running[other] == 0 and not (self._waiting[other] and self._running[kind])
 
     @contextlib.asynccontextmanager
     async def hold(self, kind: str) -> AsyncIterator[None]:
@@ -192,25 +217,24 @@ class _KindGate:
         if other is None:  # "plain": conflicts with nothing
             yield
             return
-        if self._cond is None:  # created lazily: it belongs to the loop that first uses it
-            self._cond = asyncio.Condition()
-        cond = self._cond
-        async with cond:
-            self._waiting[kind] += 1
-            try:
-                await cond.wait_for(
-                    lambda: self._running[other] == 0
-                    and not (self._waiting[other] and self._running[kind])
-                )
-            finally:
-                self._waiting[kind] -= 1
-            self._running[kind] += 1
+        # Counters change only in synchronous code (one event loop), so no lock is needed and
+        # a cancellation can never skip a decrement.
+        self._waiting[kind] += 1
+        try:
+            while not self._may_enter(kind, other):
+                if self._changed is None:
+                    self._changed = asyncio.Event()
+                await self._changed.wait()
+        finally:
+            self._waiting[kind] -= 1
+        self._running[kind] += 1
         try:
             yield
         finally:
-            async with cond:
-                self._running[kind] -= 1
-                cond.notify_all()
+            self._running[kind] -= 1
+            if self._changed is not None:
+                changed, self._changed = self._changed, None
+                changed.set()
 
 
 class VLLMEngine(Engine):
@@ -298,10 +322,11 @@ class VLLMEngine(Engine):
         """
         if self._llm is not None:
             return
+        t0 = time.perf_counter()
+        await asyncio.to_thread(_import_vllm)
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        t0 = time.perf_counter()
         tokenizer = await asyncio.to_thread(lambda: self.tokenizer)
         args = self.engine_args()
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
@@ -632,6 +657,8 @@ class VLLMEngine(Engine):
             ignore_eos=spec.ignore_eos,
             logprobs=spec.top_logprobs,  # 0: just the sampled token's logprob
             flat_logprobs=True,
+            # vLLM needs its own text only to find stop strings; `text` is decoded here.
+            detokenize=bool(spec.stop),
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         kind = "top_k" if spec.top_logprobs else "plain"
@@ -641,8 +668,31 @@ class VLLMEngine(Engine):
             )
         return [self._samples(out, spec, f"prompts[{i}]") for i, out in enumerate(outputs)]
 
-    @staticmethod
-    def _samples(out: RequestOutput, spec: SamplingSpec, where: str) -> list[GeneratedSample]:
+    def _final_text(self, token_ids: list[int], finish_reason: str, stop_reason: Any,
+                    vllm_text: str, stops: Sequence[str]) -> str:
+        """The sample's text exactly as the hf backend (and `tokenization.decode`) gives it.
+
+        vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 character, so
+        its `text` can differ from a plain decode of the same ids; the full decode is the
+        contract. As in vLLM: a stop token (EOS or `stop_token_ids`) is left out of the text,
+        and a stop string cuts the text before it (the earliest-completing one).
+        """
+        if finish_reason == "stop" and not isinstance(stop_reason, str):
+            return decode(self.tokenizer, token_ids[:-1])
+        full = decode(self.tokenizer, token_ids)
+        if finish_reason == "stop":
+            best_at, best_end = -1, None
+            for stop in stops:
+                at = full.find(stop)
+                if at >= 0 and (best_end is None or at + len(stop) < best_end):
+                    best_at, best_end = at, at + len(stop)
+            # Not found only if the full and incremental decodes disagree: trust vLLM's.
+            return full[:best_at] if best_at >= 0 else vllm_text
+        return full
+
+    def _samples(
+        self, out: RequestOutput, spec: SamplingSpec, where: str
+    ) -> list[GeneratedSample]:
         samples = []
         for completion in sorted(out.outputs, key=lambda c: c.index):
             if completion.finish_reason not in ("stop", "length"):
@@ -669,7 +719,8 @@ class VLLMEngine(Engine):
                 GeneratedSample(
                     token_ids=token_ids,
                     logprobs=logprobs,
-                    text=completion.text,
+                    text=self._final_text(token_ids, completion.finish_reason,
+                                          completion.stop_reason, completion.text, spec.stop),
                     finish_reason=completion.finish_reason,
                     top_logprobs=top,
                     stop_reason=completion.stop_reason,

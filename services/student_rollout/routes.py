@@ -17,6 +17,7 @@ trajectories of one request come from one set of weights, reported as `policy_ve
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -37,6 +38,9 @@ from services.protocol import (
     encode_array,
 )
 from services.student_rollout.versioning import PolicyVersions, unwrap_engine
+
+# Temperatures below this are greedy (the engines' convention, vLLM's _SAMPLING_EPS).
+GREEDY_EPS = 1e-5
 
 
 def prompt_ids(engine: Engine, prompt: RolloutPrompt, index: int) -> list[int]:
@@ -154,9 +158,16 @@ async def run_rollouts(
     model = check_model(state, req.model)
     prompts, spec = validate_request(state, engine, req)
     state.metrics.prompt_tokens(sum(map(len, prompts)))
+    copies = 1
+    if spec.temperature < GREEDY_EPS and spec.n > 1:
+        # Greedy samples of one prompt are identical: compute one, return it n times. Saves
+        # n-1 generations, and some backends (vLLM) refuse greedy with n > 1 outright.
+        copies, spec = spec.n, dataclasses.replace(spec, n=1)
     # One lease over the single engine call: the version cannot change while it runs.
     async with versions.serving() as version:
         samples = await generate(state, engine, prompts, spec)
+    if copies > 1:
+        samples = [[per[0]] * copies for per in samples]
 
     items: list[RolloutItem] = []
     completion_tokens = 0

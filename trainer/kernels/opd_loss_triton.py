@@ -57,8 +57,6 @@ def _opd_loss_fwd_kernel(
     n_elements,
     T,
     kl_coef,
-    lambda_coef,
-    one_minus_b,
     log_b,
     log_1mb,
     clip_low,
@@ -101,7 +99,9 @@ def _opd_loss_fwd_kernel(
         # (the inner where only keeps the unselected lane free of 0/0)
         log1p_z = tl.where(u_m1 == 0.0, z, tl.log(u) * (z / tl.where(u_m1 == 0.0, 1.0, u_m1)))
         log_m = hi + log1p_z
-        j = lambda_coef * (tau - log_m) + one_minus_b * (s - log_m)
+        # s - log M, not DESIGN.md 4's b (tau - log M) + (1-b) (s - log M): see
+        # trainer.algorithms (the exact policy gradient of the generalized JSD).
+        j = s - log_m
     j = tl.where(m, j, 0.0)
 
     adv = -kl_coef * j if ALGO_JSD else kl_coef * (tau - s)
@@ -220,8 +220,6 @@ def launch_opd_loss_fwd(
             n,
             max(T, 1),
             float(kl_coef),
-            b,
-            1.0 - b,  # rounded from float64 like the reference's Python (1.0 - b)
             log_b,
             log_1mb,
             1.0 - float(clip_eps),

