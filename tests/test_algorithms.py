@@ -147,8 +147,10 @@ def test_on_policy_distill_advantage() -> None:
         # p_s = 0.2 (student), p_tau = 0.6 (teacher), M = b p_tau + (1-b) p_s
         (0.0, math.log(0.2) - math.log(0.6)),  # special case: s - tau
         (1.0, math.log(0.6) - math.log(0.2)),  # special case: tau - s
-        (0.5, 0.5 * math.log(0.6 / 0.4) + 0.5 * math.log(0.2 / 0.4)),  # M = 0.4
-        (0.3, 0.3 * math.log(0.6 / 0.32) + 0.7 * math.log(0.2 / 0.32)),  # M = 0.32
+        # 0 < b < 1: j = s - log M (not DESIGN.md 4's b (tau - log M) + (1-b) (s - log M))
+        (0.5, math.log(0.2 / 0.4)),  # M = 0.5 * 0.6 + 0.5 * 0.2 = 0.4
+        (0.3, math.log(0.2 / 0.32)),  # M = 0.3 * 0.6 + 0.7 * 0.2 = 0.32
+        (0.9, math.log(0.2 / 0.56)),  # M = 0.9 * 0.6 + 0.1 * 0.2 = 0.56
     ],
 )
 def test_jsd_per_token_by_hand(b: float, want: float) -> None:
@@ -166,13 +168,45 @@ def test_jsd_is_zero_when_student_equals_teacher() -> None:
         assert jsd_per_token(x, x, b).abs().max().item() < 1e-12
 
 
-def test_jsd_is_nonpositive_strictly_inside_0_1() -> None:
-    # b log p_tau + (1-b) log p_s <= log(b p_tau + (1-b) p_s) (weighted AM-GM), so j <= 0 and the
-    # jsd advantage -c j is >= 0 for 0 < b < 1: a property of the seed's single-sample j_t.
-    g = torch.Generator().manual_seed(0)
-    s, tau = (-torch.rand(1000, generator=g, dtype=torch.float64) * 10 for _ in range(2))
-    for b in (0.1, 0.3, 0.5, 0.9):
-        assert jsd_per_token(s, tau, b).max().item() <= 1e-12
+@pytest.mark.parametrize("b", [0.1, 0.3, 0.5, 0.9])
+def test_jsd_student_expectation_is_kl_student_to_mixture(b: float) -> None:
+    # On an exact categorical: E_{y~S}[j(y)] = sum_y S(y) (log S(y) - log M(y)) = KL(S || M) >= 0
+    # with M = b T + (1-b) S, i.e. j is the on-policy cost of the generalized JSD. DESIGN.md 4's
+    # b (tau - log M) + (1-b) (s - log M) fails this: it is <= 0 everywhere (weighted AM-GM).
+    g = torch.Generator().manual_seed(int(b * 10))
+    logit_s, logit_t = (torch.randn(7, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    log_s, log_t = logit_s.log_softmax(0), logit_t.log_softmax(0)
+    p_s, p_t = log_s.exp(), log_t.exp()
+    p_m = b * p_t + (1 - b) * p_s
+    kl_s_m = (p_s * (p_s / p_m).log()).sum().item()
+    j = jsd_per_token(log_s, log_t, b)
+    assert (p_s * j).sum().item() == pytest.approx(kl_s_m, rel=1e-12, abs=1e-15)
+    assert kl_s_m > 1e-3  # S != T: strictly positive
+    # per token j has both signs: > 0 exactly where the student over-rates (S > T, so S > M)
+    assert torch.equal(j > 0, p_s > p_t)
+    assert (j > 0).any() and (j < 0).any()
+    # so the jsd advantage -c j is negative on over-rated tokens (pushes them down)
+    cfg = LossConfig(algorithm="jsd", kl_coef=2.0, lambda_coef=b)
+    adv = compute_advantages(log_s[None], log_t[None], torch.ones(1, 7), cfg)[0]
+    assert torch.equal(adv < 0, p_s > p_t)
+
+
+def test_jsd_gradient_is_exact_policy_gradient_of_generalized_jsd() -> None:
+    # d JSD_b(S, T) / d theta (autograd through the exact categorical, S = softmax(theta)) equals
+    # (1-b) E_{y~S}[grad log S(y) j(y)] with j = s - log M held constant.
+    b = 0.3
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    log_t = torch.randn(6, generator=g, dtype=torch.float64).log_softmax(0)
+    log_s = theta.log_softmax(0)
+    p_s, p_t = log_s.exp(), log_t.exp()
+    log_m = (b * p_t + (1 - b) * p_s).log()
+    jsd = b * (p_t * (log_t - log_m)).sum() + (1 - b) * (p_s * (log_s - log_m)).sum()
+    (want,) = torch.autograd.grad(jsd, theta, retain_graph=True)
+    j = jsd_per_token(log_s.detach(), log_t, b)
+    surrogate = (1 - b) * (p_s.detach() * log_s * j).sum()
+    (got,) = torch.autograd.grad(surrogate, theta)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_jsd_extreme_logprobs_are_finite() -> None:
@@ -180,10 +214,11 @@ def test_jsd_extreme_logprobs_are_finite() -> None:
     tau = torch.tensor([0.0, -1e4, -1e4, 0.0])
     for b in (0.0, 0.3, 0.5, 1.0):
         assert torch.isfinite(jsd_per_token(s, tau, b)).all()
-    # s = -1e4, tau = 0, b = 0.5: log M = log(0.5) (teacher mass dominates):
-    # j = 0.5 (0 - log 0.5) + 0.5 (-1e4 - log 0.5) = -5000 - log 0.5
+    # s = -1e4, tau = 0, b = 0.5: log M = log(0.5) (teacher mass dominates): j = -1e4 - log 0.5;
+    # s = 0, tau = -1e4: log M = log(0.5) (student mass dominates): j = -log 0.5
     j = jsd_per_token(s.double(), tau.double(), 0.5)
-    assert j[0].item() == pytest.approx(-5000.0 - math.log(0.5), rel=1e-12)
+    assert j[0].item() == pytest.approx(-1e4 - math.log(0.5), rel=1e-12)
+    assert j[1].item() == pytest.approx(-math.log(0.5), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

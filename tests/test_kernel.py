@@ -13,6 +13,7 @@ in a fresh interpreter-mode process, so they are never silently skipped.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -186,9 +187,9 @@ def test_kernel_matches_reference_grid(
     _, sums = assert_matches_reference(*make_batch(8, 37, seed, device), cfg, block_size=64)
     if loss == "ppo":  # the grid is only meaningful if the branches fire
         assert sums.pg_clipfrac.item() > 0
-        # jsd with 0 < b < 1 has A >= 0 everywhere (j <= 0), so the dual clip cannot fire there
-        if algorithm == "on_policy_distill" or lambda_coef in (0.0, 1.0):
-            assert sums.pg_clipfrac_lower.item() > 0
+        # every advantage here has both signs (jsd with 0 < b < 1 too: j = s - log M > 0 where
+        # s > tau), so the dual clip fires as well
+        assert sums.pg_clipfrac_lower.item() > 0
 
 
 @pytest.mark.parametrize(
@@ -213,6 +214,55 @@ def test_kernel_hand_example(device: str) -> None:
     metrics = finalize_metrics(run("triton", logp, s, tau, mask, LossConfig())[2])
     for key, want in HAND_METRICS.items():
         assert metrics[key] == pytest.approx(want, rel=1e-6, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    ("b", "want_j"),
+    [
+        # token 0: p_s = 0.2, p_tau = 0.6; token 1: p_s = 0.6, p_tau = 0.2; M = b p_tau + (1-b) p_s
+        (0.0, [math.log(0.2 / 0.6), math.log(0.6 / 0.2)]),  # s - tau
+        (1.0, [math.log(0.6 / 0.2), math.log(0.2 / 0.6)]),  # tau - s
+        # 0 < b < 1: j = s - log M (not DESIGN.md 4's b (tau - log M) + (1-b) (s - log M))
+        (0.5, [math.log(0.2 / 0.4), math.log(0.6 / 0.4)]),
+        (0.3, [math.log(0.2 / 0.32), math.log(0.6 / 0.48)]),
+        (0.9, [math.log(0.2 / 0.56), math.log(0.6 / 0.24)]),
+    ],
+)
+def test_kernel_jsd_by_hand(device: str, b: float, want_j: list[float]) -> None:
+    # importance_sampling with logp = s (r = 1), token-mean over N = 2: L_t = -A_t = c j_t,
+    # d loss / d logp_t = c j_t / 2, and the sums hold sum j and sum A = -c sum j.
+    c = 1.5
+    s = torch.tensor([[math.log(0.2), math.log(0.6)]], device=device)
+    tau = torch.tensor([[math.log(0.6), math.log(0.2)]], device=device)
+    mask = torch.ones(1, 2, dtype=torch.bool, device=device)
+    cfg = LossConfig(algorithm="jsd", kl_coef=c, lambda_coef=b, loss="importance_sampling")
+    loss, grad, sums = run("triton", s, s, tau, mask, cfg, block_size=16)
+    assert grad[0].tolist() == pytest.approx([c * j / 2 for j in want_j], rel=1e-6)
+    assert loss.item() == pytest.approx(c * sum(want_j) / 2, rel=1e-6)
+    assert sums.jsd.item() == pytest.approx(sum(want_j), rel=1e-6)
+    assert sums.adv.item() == pytest.approx(-c * sum(want_j), rel=1e-6)
+
+
+@pytest.mark.parametrize("b", [0.1, 0.5, 0.9])
+def test_kernel_jsd_student_expectation_is_kl_student_to_mixture(device: str, b: float) -> None:
+    # One token per outcome y of an exact categorical; with importance_sampling, logp = s and
+    # token-mean over N outcomes the kernel's gradient is c j(y) / N, so
+    # sum_y S(y) j(y) = E_{y~S}[j] must be KL(S || M) >= 0 (M = b T + (1-b) S).
+    n, c = 9, 1.0
+    g = torch.Generator().manual_seed(11)
+    log_s = (torch.randn(n, generator=g, dtype=torch.float64) * 2).log_softmax(0)
+    log_t = (torch.randn(n, generator=g, dtype=torch.float64) * 2).log_softmax(0)
+    p_s, p_t = log_s.exp(), log_t.exp()
+    kl_s_m = (p_s * (p_s / (b * p_t + (1 - b) * p_s)).log()).sum().item()
+    s = log_s.float()[None].to(device)
+    tau = log_t.float()[None].to(device)
+    mask = torch.ones(1, n, dtype=torch.bool, device=device)
+    cfg = LossConfig(algorithm="jsd", kl_coef=c, lambda_coef=b, loss="importance_sampling")
+    _, grad, _ = run("triton", s, s, tau, mask, cfg, block_size=16)
+    j = grad[0].double().cpu() * n / c
+    assert (p_s * j).sum().item() == pytest.approx(kl_s_m, rel=1e-5)
+    assert kl_s_m > 1e-3
+    assert torch.equal(j > 0, p_s > p_t)  # over-rated tokens get a negative advantage
 
 
 @pytest.mark.parametrize("algorithm", ["on_policy_distill", "jsd"])
