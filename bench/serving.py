@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -373,6 +374,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print a table (and the HTTP / in-process ratios)."""
     args = parse_args(argv)
+    if args.backend == "vllm":
+        # vLLM-CPU otherwise reserves gpu_memory_utilization (90%) of the host's memory per
+        # engine, and the interleaved run holds two; inherited by the server subprocess too.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     bench = BENCHES[args.service](args)
     results: list[Measurement] = []
     if args.interleave and not args.skip_in_process:

@@ -85,6 +85,12 @@ class ServerHandle:
                 if response.status_code == 200:
                     return self
                 last = f"{response.status_code} {response.text[:500]}"
+                if '"status":"failed"' in response.text.replace(" ", ""):
+                    # Our services stay up after a failed load (to say why): no point waiting.
+                    logs = self.logs()
+                    self.stop()
+                    raise RuntimeError(f"server failed to load: {last}\n"
+                                       f"{' '.join(self.command)}\n--- log ---\n{logs}")
             except httpx.HTTPError as exc:
                 last = repr(exc)
             time.sleep(0.2)

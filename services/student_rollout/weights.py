@@ -22,6 +22,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
@@ -64,6 +65,15 @@ def resolve_model_dir(model: str) -> Path | None:
         return None
 
 
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Done-callback of a swap task: log a failure nobody awaited (its request was cancelled)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, WeightsError | VersionConflict):
+        logger.error("weight update failed", exc_info=exc)
+
+
 class WeightsManager:
     """Validation, staging and swapping of weight updates for one app."""
 
@@ -73,6 +83,8 @@ class WeightsManager:
         self.spec: CheckpointSpec | None = None
         self.spec_error: str | None = None
         self.staging_root: Path | None = None
+        # Called with the new version after each successful swap (the app sets the gauge).
+        self.on_version: Callable[[int], None] | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -222,6 +234,10 @@ class WeightsManager:
         try:
             async with self.versions.updating(version, source, started):
                 await engine.load_weights(str(directory))
+            # Here, not in `apply`: the swap may outlive a cancelled request.
+            if self.on_version is not None:
+                self.on_version(self.versions.version)
+            logger.info("policy_version %d now serving (%s)", version, source)
         finally:
             if cleanup:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -244,6 +260,7 @@ class WeightsManager:
         # swap still runs to its end under the lock instead of stopping half-way with readers
         # let back in. The client can read GET /v1/weights to see whether it landed.
         task = asyncio.create_task(self._swap(engine, directory, version, source, started, cleanup))
+        task.add_done_callback(_retrieve)
         try:
             await asyncio.shield(task)
         except VersionConflict as exc:
@@ -253,10 +270,9 @@ class WeightsManager:
                 400,
                 f"checkpoint refused by the engine: {exc}; still serving policy_version "
                 f"{self.versions.version}",
-                param="version" if source == "upload" else "path",
+                param="body" if source == "upload" else "path",
                 code="invalid_checkpoint",
             ) from exc
-        state.metrics.policy_version(self.versions.version)
         return self.status()
 
     # ----------------------------------------------------------------- upload
