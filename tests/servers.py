@@ -11,7 +11,8 @@ with start_server("services.teacher", args=["--model", str(path)], env={"OPD_API
 - The port is free when picked and handed over as `--host 127.0.0.1 --port N` (appended to
   the command) and as `OPD_HOST` / `OPD_PORT`; a command that takes the port another way can
   put the placeholder `{port}` in its arguments instead (then nothing is appended).
-- `start_server` waits until `GET ready_path` answers 200 (or the process dies, or
+- `start_server` waits until `GET ready_path` answers 200 (or the process dies, or reports a
+  failed model load (our services stay up to say why), or
   `ready_timeout` passes: then it raises with the server's log tail).
 - Output goes to a log file (`handle.log_path`, `handle.logs()`), so a chatty server never
   blocks on a full pipe and a failing test can print what the server said; it is removed
@@ -20,6 +21,10 @@ with start_server("services.teacher", args=["--model", str(path)], env={"OPD_API
   SIGKILL after `stop_timeout`; the whole process group, so engine worker processes go too.
 
 The `server_factory` fixture starts any number of servers in a test and stops them after it.
+To make it visible to every test, import it in tests/conftest.py
+(`from tests.servers import server_factory  # noqa: F401`); importing it into a test module
+instead trips ruff's F811 where the test takes it as an argument. For a server shared by a
+module, call `start_server` from a module-scoped fixture (see tests/test_teacher_http.py).
 """
 
 from __future__ import annotations
@@ -176,10 +181,7 @@ def start_server(
 
 @pytest.fixture
 def server_factory() -> Iterator[object]:
-    """`server_factory(target, args, env=..., ...)` -> ServerHandle; all stopped after the test.
-
-    For a server shared by a module, call `start_server` in a module-scoped fixture instead.
-    """
+    """`server_factory(target, args, env=..., ...)` -> ServerHandle; all stopped after the test."""
     handles: list[ServerHandle] = []
 
     def factory(target: str | Sequence[str], args: Sequence[str] = (),

@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
 import logging
 import time
@@ -290,7 +291,6 @@ class VLLMEngine(Engine):
     def engine_args(self) -> Any:
         """The `AsyncEngineArgs` this engine starts vLLM with."""
         from vllm.engine.arg_utils import AsyncEngineArgs
-
         from vllm.platforms import current_platform
 
         c = self.config
@@ -655,8 +655,10 @@ class VLLMEngine(Engine):
                     f"max_model_len={self._max_model_len}"
                 )
             checked.append(ids)
+        # vLLM refuses greedy sampling with n > 1; n greedy samples are one sample n times.
+        greedy_copies = spec.n if spec.temperature == 0 and spec.n > 1 else 1
         params = SamplingParams(
-            n=spec.n,
+            n=spec.n // greedy_copies,
             max_tokens=spec.max_tokens,
             temperature=spec.temperature,
             top_p=spec.top_p,
@@ -676,7 +678,10 @@ class VLLMEngine(Engine):
             outputs = await _gather_or_cancel(
                 self._request(ids, params, f"prompts[{i}]") for i, ids in enumerate(checked)
             )
-        return [self._samples(out, spec, f"prompts[{i}]") for i, out in enumerate(outputs)]
+        results = [self._samples(out, spec, f"prompts[{i}]") for i, out in enumerate(outputs)]
+        if greedy_copies > 1:
+            results = [[copy.deepcopy(s[0]) for _ in range(greedy_copies)] for s in results]
+        return results
 
     def _final_text(self, token_ids: list[int], finish_reason: str, stop_reason: Any,
                     vllm_text: str, stops: Sequence[str]) -> str:
