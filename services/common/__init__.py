@@ -8,7 +8,7 @@
 - `errors`: `APIError(status, message, type, param, code, headers)` -> OpenAI error body.
 - `limits`: body size, concurrency gate + timeout, `check_*` input checks with named fields.
 - `auth`: optional bearer key; `/health`, `/ready`, `/metrics` stay open.
-- `metrics`: the Prometheus metrics of docs/TEAM_NOTES.md (`ServiceMetrics`) and `/metrics`.
+- `metrics`: the Prometheus metrics of docs/metrics.md (`ServiceMetrics`) and `/metrics`.
 - `openai_routes`: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (`openai_router()`).
 
 Submodules are imported explicitly (`from services.common.app import create_app`), so importing

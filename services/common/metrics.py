@@ -1,4 +1,4 @@
-"""Prometheus metrics of the services (names fixed in docs/TEAM_NOTES.md) and `/metrics`.
+"""Prometheus metrics of the services (names fixed in docs/metrics.md) and `/metrics`.
 
 All metrics live in prometheus_client's default registry, so `/metrics` also shows what else
 registered there: vLLM's `vllm:*` metrics when that backend runs in-process, and the Python
