@@ -244,6 +244,7 @@ class InfoResponse(BaseModel):
     max_model_len: int
     vocab_size: int
     tokenizer_fingerprint: str
+    tokenizer_fingerprint_components: dict[str, str] = Field(default_factory=dict)
     eos_token_ids: list[int]
     limits: dict[str, int]
     policy_version: int | None = None

@@ -90,6 +90,8 @@ def test_info(engine, tiny_models):
     assert info.vocab_size == 512 and info.max_model_len == 1024
     assert info.eos_token_ids == [engine.tokenizer.eos_token_id]
     assert len(info.tokenizer_fingerprint) == 64
+    parts = info.tokenizer_fingerprint_components
+    assert set(parts) == {"model", "added_tokens", "special_tokens", "chat_template"}
 
 
 # --------------------------------------------------------------------------- score

@@ -156,7 +156,7 @@ def test_kind_gate_keeps_conflicting_kinds_apart():
 def test_info(engine, tiny_models):
     from transformers import AutoTokenizer
 
-    from services.engine.fingerprint import tokenizer_fingerprint
+    from services.engine.fingerprint import fingerprint_components, tokenizer_fingerprint
 
     info = engine.info()
     tok = AutoTokenizer.from_pretrained(str(tiny_models["tokenizer"]))
@@ -166,6 +166,7 @@ def test_info(engine, tiny_models):
     assert info.max_model_len == MAX_MODEL_LEN
     assert info.vocab_size == 512
     assert info.tokenizer_fingerprint == tokenizer_fingerprint(tok)
+    assert info.tokenizer_fingerprint_components == fingerprint_components(tok)
     assert info.eos_token_ids == [tok.eos_token_id]
     assert info.served_model_name == str(tiny_models["student"])
 

@@ -142,6 +142,7 @@ def test_probes_and_info(teacher: ServerHandle, client: httpx.Client) -> None:
     assert info["service"] == "teacher" and info["backend"] == "hf"
     assert info["served_model_name"] == NAME and info["max_model_len"] == MAX_MODEL_LEN
     assert info["vocab_size"] == 512 and len(info["tokenizer_fingerprint"]) == 64
+    assert "chat_template" in info["tokenizer_fingerprint_components"]
     assert info["limits"]["max_top_k"] == MAX_TOP_K and info["limits"]["max_n"] == MAX_N
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [NAME]

@@ -115,6 +115,7 @@ class ServiceState:
             "max_model_len": info.max_model_len,
             "vocab_size": info.vocab_size,
             "tokenizer_fingerprint": info.tokenizer_fingerprint,
+            "tokenizer_fingerprint_components": info.tokenizer_fingerprint_components,
             "eos_token_ids": list(info.eos_token_ids),
             "limits": self.settings.limits(),
             "version": _version(),

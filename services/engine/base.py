@@ -100,6 +100,9 @@ class EngineInfo:
     vocab_size: int
     tokenizer_fingerprint: str
     eos_token_ids: list[int] = field(default_factory=list)
+    # One hash per tokenizer part (vocab, merges, special tokens, chat template), so a client
+    # that finds two fingerprints different can tell which part differs.
+    tokenizer_fingerprint_components: dict[str, str] = field(default_factory=dict)
 
 
 class WeightsError(ValueError):

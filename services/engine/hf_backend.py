@@ -103,7 +103,7 @@ from .base import (
     ScoreResult,
     WeightsError,
 )
-from .fingerprint import tokenizer_fingerprint
+from .fingerprint import fingerprint_components, tokenizer_fingerprint
 from .tokenization import load_tokenizer, resolve_eos_ids
 
 logger = logging.getLogger(__name__)
@@ -372,6 +372,7 @@ class HFEngine(Engine):
             max_model_len=self._max_model_len,
             vocab_size=self._vocab_size,
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            tokenizer_fingerprint_components=fingerprint_components(tokenizer),
             eos_token_ids=list(self._eos_ids),
         )
 

@@ -109,7 +109,7 @@ from .base import (
     WeightsError,
 )
 from .checkpoint import CheckpointSpec, expected_spec_from_checkpoint, validate_checkpoint_dir
-from .fingerprint import tokenizer_fingerprint
+from .fingerprint import fingerprint_components, tokenizer_fingerprint
 from .tokenization import decode, load_tokenizer, resolve_eos_ids
 
 if TYPE_CHECKING:
@@ -364,6 +364,7 @@ class VLLMEngine(Engine):
                 max_model_len=self._max_model_len,
                 vocab_size=self._vocab_size,
                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                tokenizer_fingerprint_components=fingerprint_components(tokenizer),
                 eos_token_ids=eos_ids,
             )
             await asyncio.to_thread(self._read_reference_spec)

@@ -1,0 +1,69 @@
+"""The trainer's start-up checks on the two services' /info (no servers needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.protocol import InfoResponse
+from trainer.config import load_config
+from trainer.loop import StartupError, check_services
+
+PARTS = {"model": "m", "added_tokens": "a", "special_tokens": "s", "chat_template": "c"}
+
+
+def _info(service: str, fingerprint: str = "f" * 64, **extra) -> InfoResponse:
+    fields = {
+        "service": service,
+        "model": f"{service}-model",
+        "served_model_name": f"{service}-model",
+        "backend": "hf",
+        "dtype": "float32",
+        "device": "cpu",
+        "max_model_len": 2048,
+        "vocab_size": 512,
+        "tokenizer_fingerprint": fingerprint,
+        "eos_token_ids": [0],
+        "limits": {},
+        "version": "0",
+    }
+    fields.update(extra)
+    return InfoResponse(**fields)
+
+
+@pytest.fixture
+def cfg():
+    return load_config(None, ["student.model=student-model", "trainer.max_model_len=1024", "rollout.max_tokens=256",
+                                   "eval.max_tokens=256"])
+
+
+def test_matching_services_pass(cfg) -> None:
+    check_services(cfg, _info("teacher"), _info("student_rollout"))
+
+
+def test_swapped_urls_are_named(cfg) -> None:
+    with pytest.raises(StartupError, match="URLs swapped"):
+        check_services(cfg, _info("student_rollout"), _info("teacher"))
+
+
+def test_tokenizer_mismatch_names_the_differing_part(cfg) -> None:
+    teacher, rollout = _info("teacher", "a" * 64), _info("student_rollout", "b" * 64)
+    with pytest.raises(StartupError, match=r"differing parts: model\)"):
+        check_services(cfg, teacher, rollout, components=(PARTS, {**PARTS, "model": "x"}))
+    with pytest.raises(StartupError, match="same tokenizer"):
+        check_services(cfg, teacher, rollout)  # no components published: plain refusal
+
+
+def test_chat_template_only_difference_is_accepted(cfg, caplog) -> None:
+    teacher, rollout = _info("teacher", "a" * 64), _info("student_rollout", "b" * 64)
+    check_services(cfg, teacher, rollout, components=(PARTS, {**PARTS, "chat_template": "x"}))
+    assert "differ only in their chat templates" in caplog.text
+
+
+def test_trainer_and_rollout_tokenizers_must_agree(cfg) -> None:
+    with pytest.raises(StartupError, match="trainer's student tokenizer"):
+        check_services(cfg, _info("teacher"), _info("student_rollout"), local_fingerprint="0" * 64)
+
+
+def test_short_service_context_is_refused(cfg) -> None:
+    with pytest.raises(StartupError, match="max_model_len is 512"):
+        check_services(cfg, _info("teacher", max_model_len=512), _info("student_rollout"))
