@@ -150,20 +150,31 @@ class Row:
     reverse_kl: float | None
     format_rate: float
     accuracy: float
+    #: The greedy answer to the first held-out problem (what the numbers are made of).
+    example: str = ""
 
 
-def _eval_rows(metrics_file: Path) -> tuple[Row, Row]:
+def _eval_rows(train_dir: Path) -> tuple[Row, Row]:
     """Student before/after from the trainer's own evaluations (step 0 and the last)."""
     import json
 
-    evals = [
-        r for r in map(json.loads, metrics_file.read_text().splitlines()) if "eval/accuracy" in r
-    ]
+    from trainer.observability import EVAL_SAMPLES_FILE, METRICS_FILE
+
+    def records(name: str) -> list[dict]:
+        path = train_dir / name
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [json.loads(line) for line in lines]
+
+    evals = [r for r in records(METRICS_FILE) if "eval/accuracy" in r]
     if len(evals) < 2:
-        raise RuntimeError(f"expected evaluations at start and end in {metrics_file}")
+        raise RuntimeError(f"expected evaluations at start and end in {train_dir}")
+    answers = records(EVAL_SAMPLES_FILE)
 
     def row(name: str, r: dict) -> Row:
-        return Row(name, r.get("eval/reverse_kl"), r["eval/format_rate"], r["eval/accuracy"])
+        first = next((a["response"] for a in answers if a["step"] == r["step"]), "")
+        return Row(
+            name, r.get("eval/reverse_kl"), r["eval/format_rate"], r["eval/accuracy"], first
+        )
 
     return row("student before", evals[0]), row("student after", evals[-1])
 
@@ -192,7 +203,8 @@ class _TeacherEval:
                 max_concurrency=cfg.services.max_concurrency,
             )
             res = evaluate(gen, heldout, cfg.eval.max_tokens)
-            self._row = Row("teacher", 0.0, res.format_rate, res.accuracy)
+            first = res.records[0]["response"] if res.records else ""
+            self._row = Row("teacher", 0.0, res.format_rate, res.accuracy, first)
         except BaseException as exc:  # re-raised in the main thread by result()
             self._error = exc
 
@@ -216,6 +228,8 @@ def format_table(rows: Sequence[Row], n_problems: int, kl_prompts: int) -> str:
         f"(held-out: first {n_problems} GSM8K test problems, greedy; reverse KL on the first "
         f"{kl_prompts}, sampled)"
     )
+    lines += ["", "greedy answers to the first held-out problem (escaped, first 100 characters):"]
+    lines += [f"  {r.name + ':':<16} {ascii(r.example[:100])}" for r in rows]
     return "\n".join(lines)
 
 
@@ -259,6 +273,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         "--student",
         default=None,
         help="student checkpoint dir or hub id (same tokenizer as --teacher)",
+    )
+    p.add_argument(
+        "--keep-layers",
+        default="::2",
+        help="teacher layers the demo student keeps: a slice ('::2', the default: every "
+        "second layer) or a comma list ('0,1,2,...'); see README 'What the demo shows'",
     )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.total_steps=4")
     return p.parse_args(list(argv))
@@ -304,7 +324,7 @@ def main(argv: Sequence[str]) -> int:
         teacher_model, student_model = args.teacher, args.student
     else:
         log.info("preparing demo models (first run: dequantizes SmolLM2 once, ~1 min)")
-        models = prepare_demo_models(args.models_dir)
+        models = prepare_demo_models(args.models_dir, keep_layers=args.keep_layers)
         teacher_model, student_model = str(models.teacher_dir), str(models.student_dir)
     backend = _default_backend() if args.backend == "auto" else args.backend
 
@@ -347,7 +367,7 @@ def main(argv: Sequence[str]) -> int:
                 teacher_eval = _TeacherEval(cfg, TeacherClient("teacher", teacher.url), heldout)
             log.info("training (%s backend); the trainer evaluates at start and end", backend)
             train_dir = train(cfg)
-            before, after = _eval_rows(train_dir / "metrics.jsonl")
+            before, after = _eval_rows(train_dir)
             rows = [teacher_eval.result()] if teacher_eval is not None else []
             rows += [before, after]
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ before/after table, the teacher's row, plots, and a clean stop on Ctrl-C.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -70,6 +71,10 @@ def test_demo_runs_and_prints_the_table(tiny_models, gsm8k_dir, tmp_path, capsys
     assert all(k > 0 for k in kl)  # the tiny student is a different random model
     assert "first 4 GSM8K test problems" in table and "reverse KL on the first 2" in table
     assert "reverse KL to the teacher fell by" in out
+    assert "greedy answers to the first held-out problem" in table
+    answers = [json.loads(line) for line in (run_dir / "train" / "eval_samples.jsonl").open()]
+    assert sorted({a["step"] for a in answers}) == [0, 2] and len(answers) == 8
+    assert {"response", "correct", "has_answer", "ground_truth"} <= set(answers[0])
 
     train_dir = run_dir / "train"
     assert (train_dir / "metrics.jsonl").is_file()

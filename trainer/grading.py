@@ -25,6 +25,7 @@ signal-based timeouts used only where they are safe (see :func:`_math_verify_equ
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import signal
@@ -268,6 +269,18 @@ def _for_math_verify(s: str) -> str:
     s = _latex_cleanup(s)
     s = _unwrap_text(s, keep=False)  # units in \text{} are not part of the value
     return re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s).strip()
+
+
+class _NoTimeoutWarning(logging.Filter):
+    """Drops math-verify's "Timeout is disabled" warning, logged on every call without a
+    timeout: here that is deliberate (worker threads) and the input was vetted beforehand."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_NoTimeoutWarning())
 
 
 def _math_verify_equal(pred: str, truth: str) -> bool:

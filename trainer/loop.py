@@ -858,6 +858,8 @@ class Trainer:
                 cfg.eval.max_tokens,
             )
             metrics = result.metrics()
+            if self.obs is not None:
+                self.obs.log_eval_samples(self.step, result.records)
             if cfg.eval.kl_prompts:
                 metrics["eval/reverse_kl"] = measure_reverse_kl(
                     self.services.rollouts,

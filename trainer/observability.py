@@ -62,6 +62,7 @@ EVAL_SCALARS: tuple[str, ...] = ("eval/accuracy", "eval/format_rate")
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+EVAL_SAMPLES_FILE = "eval_samples.jsonl"
 
 
 def prometheus_name(key: str) -> str:
@@ -88,7 +89,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def truncate_metrics(path: Path, max_step: int) -> None:
     """Drop records after ``max_step`` (steps a killed run did after its last checkpoint,
     which the resumed run does again), so every step appears exactly once."""
-    for file in (path, path.with_name(SAMPLES_FILE)):
+    for file in (path, path.with_name(SAMPLES_FILE), path.with_name(EVAL_SAMPLES_FILE)):
         if not file.is_file():
             continue
         kept = [r for r in read_metrics(file) if int(r.get("step", 0)) <= max_step]
@@ -190,6 +191,15 @@ class Observability:
         for sample in samples:
             self._samples.write(json.dumps({"step": step, **sample}) + "\n")
         self._samples.flush()
+
+    def log_eval_samples(self, step: int, records: Iterable[Mapping[str, Any]]) -> None:
+        """Append every graded evaluation answer to eval_samples.jsonl (what the numbers
+        are made of: a format rate or a KL is easier to trust next to the text)."""
+        if not self.enabled:
+            return
+        with open(self.run_dir / EVAL_SAMPLES_FILE, "a", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps({"step": step, **record}) + "\n")
 
     def _progress(self, step: int) -> None:
         if self._bar is None:
