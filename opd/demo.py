@@ -278,7 +278,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         "--keep-layers",
         default="::2",
         help="teacher layers the demo student keeps: a slice ('::2', the default: every "
-        "second layer) or a comma list ('0,1,2,...'); see README 'What the demo shows'",
+        "second layer) or a comma list of indices and slices ('0:10,11:20,21:30'); see the README",
     )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.total_steps=4")
     return p.parse_args(list(argv))
