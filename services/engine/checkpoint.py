@@ -325,3 +325,21 @@ def expected_spec_from_checkpoint(model_dir: str | Path) -> CheckpointSpec:
         ):
             optional["model.embed_tokens.weight"] = required["lm_head.weight"]
     return CheckpointSpec(required, optional)
+
+
+def resolve_model_dir(model: str) -> Path | None:
+    """The local directory holding a model's initial checkpoint: the path itself, or its copy
+    in the Hugging Face cache (the engine has downloaded it by the time this is asked)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                model, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]
+            )
+        )
+    except Exception:  # noqa: BLE001 - any failure means "no local copy"; the caller reports
+        return None

@@ -108,7 +108,12 @@ from .base import (
     ScoreResult,
     WeightsError,
 )
-from .checkpoint import CheckpointSpec, expected_spec_from_checkpoint, validate_checkpoint_dir
+from .checkpoint import (
+    CheckpointSpec,
+    expected_spec_from_checkpoint,
+    resolve_model_dir,
+    validate_checkpoint_dir,
+)
 from .fingerprint import fingerprint_components, tokenizer_fingerprint
 from .tokenization import decode, load_tokenizer, resolve_eos_ids
 
@@ -137,24 +142,6 @@ def _check_temperature(temperature: float, where: str, *, allow_zero: bool) -> N
             f"{MAX_TEMPERATURE:g}], the range the vllm backend supports"
             + (" (0 means greedy)" if allow_zero else "")
         )
-
-
-def _resolve_model_dir(model: str) -> Path | None:
-    """The local directory holding the initial checkpoint: the path itself or the hub cache."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    try:
-        from huggingface_hub import snapshot_download
-
-        # vLLM has already downloaded the model by now; only look in the local cache.
-        return Path(
-            snapshot_download(
-                model, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]
-            )
-        )
-    except Exception:  # noqa: BLE001 - any failure means "no local copy"; reported on load
-        return None
 
 
 def _import_vllm() -> None:
@@ -377,7 +364,7 @@ class VLLMEngine(Engine):
 
     def _read_reference_spec(self) -> None:
         """Remember the initial checkpoint's tensor layout, which every update must match."""
-        model_dir = _resolve_model_dir(self.config.model)
+        model_dir = resolve_model_dir(self.config.model)
         if model_dir is None:
             self._spec_error = f"no local copy of {self.config.model!r} to read tensor names from"
             return

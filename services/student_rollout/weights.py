@@ -34,6 +34,7 @@ from services.engine.base import Engine, WeightsError
 from services.engine.checkpoint import (
     CheckpointSpec,
     expected_spec_from_checkpoint,
+    resolve_model_dir,
     validate_checkpoint_dir,
 )
 from services.protocol import WeightsLoadRequest, WeightsStatus
@@ -45,24 +46,6 @@ logger = logging.getLogger("opd.student_rollout")
 UPLOAD_FILE = "model.safetensors"
 # Disk writes are batched and done off the event loop; uvicorn hands us ~64 KiB chunks.
 _WRITE_BLOCK = 8 * 1024 * 1024
-
-
-def resolve_model_dir(model: str) -> Path | None:
-    """The local directory of the initial checkpoint: the path itself, or the hub cache copy."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    try:
-        from huggingface_hub import snapshot_download
-
-        # The engine has already downloaded the model; only look in the cache.
-        return Path(
-            snapshot_download(
-                model, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]
-            )
-        )
-    except Exception:  # noqa: BLE001 - any failure means "no local copy"; reported by the caller
-        return None
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
