@@ -56,6 +56,7 @@ class FakeEngine(Engine):
         self.raise_next = False
         self.score_delay = 0.0
         self.shut = False
+        self.broken: str | None = None
 
     @property
     def tokenizer(self) -> FakeTokenizer:
@@ -97,6 +98,9 @@ class FakeEngine(Engine):
                                  finish_reason="length",
                                  top_logprobs=[{5: -0.5, 6: -1.0}] * spec.max_tokens)
                  for _ in range(spec.n)] for _ in prompts]
+
+    def health(self) -> str | None:
+        return self.broken
 
     async def load_weights(self, checkpoint_dir: str) -> None:
         raise NotImplementedError
@@ -174,6 +178,19 @@ def test_failed_load_is_reported_on_ready() -> None:
         r = client.get("/ready")
         assert r.status_code == 503 and "weights are corrupt" in r.json()["error"]["message"]
         assert client.get("/health").status_code == 200
+
+
+def test_a_dead_engine_turns_ready_503_and_back() -> None:
+    engine = FakeEngine()
+    with TestClient(_app(engine)) as client:
+        _wait_ready(client)
+        engine.broken = "the vLLM engine core died: EngineDeadError"
+        r = client.get("/ready")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_broken"
+        assert "engine core died" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 200  # the process is up; the engine is not
+        engine.broken = None
+        assert client.get("/ready").status_code == 200
 
 
 # --------------------------------------------------------------------------- errors, limits

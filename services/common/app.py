@@ -151,8 +151,17 @@ def _probe_router(state: ServiceState) -> APIRouter:
     @router.get("/ready", tags=["probes"], responses={503: {"description": "not ready"}})
     async def ready() -> Any:
         """200 once the model is loaded; 503 with the reason before (or if loading failed)."""
-        if state.ready:
+        broken = state.engine.health() if state.ready and state.engine is not None else None
+        if state.ready and broken is None:
             return {"status": "ready", "model": state.served_model_name()}
+        if broken is not None:
+            return JSONResponse(
+                {"status": "broken",
+                 "error": {"message": f"the engine cannot serve: {broken}",
+                           "type": "service_unavailable_error", "param": None,
+                           "code": "engine_broken"}},
+                status_code=503,
+            )
         if state.load_error:
             message, headers = f"model failed to load: {state.load_error}", {}
         else:

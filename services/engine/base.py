@@ -140,6 +140,11 @@ class Engine(abc.ABC):
     def info(self) -> EngineInfo:
         """Static facts about the loaded model."""
 
+    def health(self) -> str | None:
+        """None while the engine can serve; else why not (`/ready` then answers 503, so an
+        orchestrator restarts the service instead of routing work to it)."""
+        return None
+
     @abc.abstractmethod
     async def score(self, inputs: Sequence[ScoreInput]) -> list[ScoreResult]:
         """Per-token logprobs for each input (inputs are already validated)."""

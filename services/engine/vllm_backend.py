@@ -391,6 +391,14 @@ class VLLMEngine(Engine):
             raise RuntimeError("the engine is not started")
         return self._info
 
+    def health(self) -> str | None:
+        """Why the engine cannot serve (a failed weight load, or vLLM's engine core died)."""
+        if self._broken is not None:
+            return self._broken
+        if self._llm is not None and self._llm.errored:
+            return "the vLLM engine core process died (its error is in this service's log)"
+        return None
+
     def _require(self) -> AsyncLLM:
         if self._broken is not None:
             raise RuntimeError(f"the engine is unusable: {self._broken}")
