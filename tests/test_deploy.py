@@ -43,7 +43,7 @@ DOCKERFILES = sorted((REPO_ROOT / "Dockerfiles").glob("*.Dockerfile"))
 DASHBOARD_DIR = REPO_ROOT / "deploy" / "grafana" / "dashboards"
 PROVISIONING = REPO_ROOT / "deploy" / "grafana" / "provisioning"
 PROMETHEUS_FILE = REPO_ROOT / "deploy" / "prometheus.yml"
-TEAM_NOTES = REPO_ROOT / "docs" / "metrics.md"
+METRICS_DOC = REPO_ROOT / "docs" / "metrics.md"
 DESIGN = REPO_ROOT.parent / "shared" / "DESIGN.md"
 
 GPU_SERVICES = ("teacher", "student_rollout", "trainer")
@@ -94,13 +94,13 @@ def _trainer_name(key: str) -> str:
 def documented_metric_names() -> set[str]:
     """Names fixed in docs/metrics.md (service metrics) and DESIGN.md section 6 (trainer)."""
     names: set[str] = set()
-    if TEAM_NOTES.is_file():
+    if METRICS_DOC.is_file():
         for name, kind in re.findall(
             r"^\s+(opd_[a-z0-9_]+)(?:\{[^}]*\})?\s+(counter|histogram|gauge)\b",
-            TEAM_NOTES.read_text(), re.M,
+            METRICS_DOC.read_text(), re.M,
         ):
             names |= _expand(name, kind)
-        if "opd_trainer_step" in TEAM_NOTES.read_text():
+        if "opd_trainer_step" in METRICS_DOC.read_text():
             names.add("opd_trainer_step")
     names |= {_trainer_name(key) for key in design_scalars()}
     return names
