@@ -91,7 +91,10 @@ def test_info(engine, tiny_models):
     assert info.eos_token_ids == [engine.tokenizer.eos_token_id]
     assert len(info.tokenizer_fingerprint) == 64
     parts = info.tokenizer_fingerprint_components
-    assert set(parts) == {"model", "added_tokens", "special_tokens", "chat_template"}
+    from services.engine.fingerprint import COMPONENTS, fingerprint_components
+
+    assert set(parts) == set(COMPONENTS)
+    assert parts == fingerprint_components(engine.tokenizer)
 
 
 # --------------------------------------------------------------------------- score

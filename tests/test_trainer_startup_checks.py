@@ -8,7 +8,7 @@ from services.protocol import InfoResponse
 from trainer.config import load_config
 from trainer.loop import StartupError, check_services
 
-PARTS = {"model": "m", "added_tokens": "a", "special_tokens": "s", "chat_template": "c"}
+PARTS = {"vocab": "v", "model": "m", "added_tokens": "a", "special_tokens": "s", "chat_template": "c"}
 
 
 def _info(service: str, fingerprint: str = "f" * 64, **extra) -> InfoResponse:
@@ -47,8 +47,8 @@ def test_swapped_urls_are_named(cfg) -> None:
 
 def test_tokenizer_mismatch_names_the_differing_part(cfg) -> None:
     teacher, rollout = _info("teacher", "a" * 64), _info("student_rollout", "b" * 64)
-    with pytest.raises(StartupError, match=r"differing parts: model\)"):
-        check_services(cfg, teacher, rollout, components=(PARTS, {**PARTS, "model": "x"}))
+    with pytest.raises(StartupError, match=r"differing parts: vocab\)"):
+        check_services(cfg, teacher, rollout, components=(PARTS, {**PARTS, "vocab": "x"}))
     with pytest.raises(StartupError, match="same tokenizer"):
         check_services(cfg, teacher, rollout)  # no components published: plain refusal
 
