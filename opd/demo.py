@@ -189,14 +189,15 @@ class _TeacherEval:
     def __init__(self, cfg, teacher_client, heldout) -> None:
         self._row: Row | None = None
         self._error: BaseException | None = None
-        self._args = (cfg, teacher_client, heldout)
-        self._thread = threading.Thread(target=self._run, name="teacher-eval", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(cfg, teacher_client, heldout), name="teacher-eval",
+            daemon=True,
+        )
         self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, cfg, client, heldout) -> None:
         from trainer.eval import chat_completions_generator, evaluate
 
-        cfg, client, heldout = self._args
         try:
             gen = chat_completions_generator(
                 client, client.info().served_model_name,

@@ -82,19 +82,6 @@ DEFAULT_KEEP_LAYERS = "::2"
 # Bump when the layout or the conversion changes: old cache entries are then ignored.
 FORMAT_VERSION = 1
 META_FILE = "opd_demo.json"
-# Files a transformers checkpoint of the teacher needs (everything else in the hub repo, such
-# as ONNX exports, is skipped).
-HUB_FILES = [
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-]
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -104,6 +91,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# Files a transformers checkpoint of the teacher needs (everything else in the hub repo, such
+# as ONNX exports, is skipped).
+HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", *TOKENIZER_FILES]
 
 Source = Literal["auto", "hub", "gguf"]
 DType = Literal["float32", "bfloat16"]

@@ -151,26 +151,23 @@ def _probe_router(state: ServiceState) -> APIRouter:
     @router.get("/ready", tags=["probes"], responses={503: {"description": "not ready"}})
     async def ready() -> Any:
         """200 once the model is loaded; 503 with the reason before (or if loading failed)."""
-        broken = state.engine.health() if state.ready and state.engine is not None else None
-        if state.ready and broken is None:
-            return {"status": "ready", "model": state.served_model_name()}
-        if broken is not None:
-            return JSONResponse(
-                {"status": "broken",
-                 "error": {"message": f"the engine cannot serve: {broken}",
-                           "type": "service_unavailable_error", "param": None,
-                           "code": "engine_broken"}},
-                status_code=503,
-            )
-        if state.load_error:
-            message, headers = f"model failed to load: {state.load_error}", {}
+        headers: dict[str, str] = {}
+        if state.ready:
+            broken = state.engine.health() if state.engine is not None else None
+            if broken is None:
+                return {"status": "ready", "model": state.served_model_name()}
+            status, code, message = "broken", "engine_broken", f"the engine cannot serve: {broken}"
+        elif state.load_error:
+            status, code = state.status, f"model_{state.status}"
+            message = f"model failed to load: {state.load_error}"
         else:
+            status, code = state.status, f"model_{state.status}"
             message = f"model {state.settings.model!r} is still loading"
             headers = {"Retry-After": str(max(1, state.settings.retry_after_s))}
         return JSONResponse(
-            {"status": state.status,
+            {"status": status,
              "error": {"message": message, "type": "service_unavailable_error",
-                       "param": None, "code": f"model_{state.status}"}},
+                       "param": None, "code": code}},
             status_code=503, headers=headers,
         )
 

@@ -252,6 +252,20 @@ async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
                           code="internal_error")
 
 
+class TrackedSend:
+    """An ASGI `send` that remembers whether the response head went out: after that an error
+    can no longer be answered with an error body, only by closing the connection."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
 class CatchAllMiddleware:
     """Turn an exception that escaped every handler into a 500 for that request.
 
@@ -268,20 +282,13 @@ class CatchAllMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def send_wrapper(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, tracked)
         except Exception as exc:  # noqa: BLE001 - the point of this middleware
             logger.error("unhandled error in %s %s", scope.get("method"), scope.get("path"),
                          exc_info=exc)
-            if not started:
+            if not tracked.started:
                 response = error_response(500, f"internal error: {type(exc).__name__}: {exc}",
                                           code="internal_error")
                 await response(scope, receive, send)

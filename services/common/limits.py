@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-from services.common.errors import APIError, error_response
+from services.common.errors import APIError, TrackedSend, error_response
 
 WORK_METHODS: frozenset[str] = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -177,21 +177,14 @@ class ConcurrencyGateMiddleware:
             )
             await response(scope, receive, send)
             return
-        started = False
-
-        async def send_wrapper(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self.app(scope, receive, send_wrapper)
+                await self.app(scope, receive, tracked)
         except TimeoutError:
             if self.on_reject is not None:
                 self.on_reject("timeout")
-            if not started:
+            if not tracked.started:
                 response = error_response(
                     503, f"request did not finish within {self.timeout_s}s (request_timeout_s)",
                     code="timeout", headers=retry,

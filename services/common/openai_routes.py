@@ -129,7 +129,8 @@ def _check_sampling(state: ServiceState, req: CompletionRequest | ChatCompletion
                     setting="vocab_size")
 
 
-def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
+def parse_stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    """OpenAI's `stop` (a string, a list or null) as a tuple; an empty stop string is a 400."""
     if stop is None:
         return ()
     stops = (stop,) if isinstance(stop, str) else tuple(stop)
@@ -149,7 +150,7 @@ def sampling_spec(req: CompletionRequest | ChatCompletionRequest, max_tokens: in
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=-1 if req.top_k in (None, 0) else int(req.top_k),
         seed=req.seed,
-        stop=_stop(req.stop),
+        stop=parse_stops(req.stop),
         stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
         top_logprobs=top_logprobs,
@@ -529,6 +530,7 @@ __all__ = [
     "create_completion",
     "generate",
     "openai_router",
+    "parse_stops",
     "sampling_spec",
     "score_prompts",
 ]

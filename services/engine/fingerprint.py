@@ -135,7 +135,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     Equal for the same tokenizer however it was loaded or copied; different when any token,
     merge, special token or the chat template changes.
     """
-    components = fingerprint_components(tokenizer)
+    return combine_components(fingerprint_components(tokenizer))
+
+
+def combine_components(components: dict[str, str]) -> str:
+    """The tokenizer fingerprint from its `fingerprint_components` (hash the parts once, get
+    both)."""
     digest = hashlib.sha256()
     digest.update(b"opd-tokenizer-fingerprint-v1\n")
     for name in COMPONENTS:

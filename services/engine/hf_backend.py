@@ -103,7 +103,7 @@ from .base import (
     ScoreResult,
     WeightsError,
 )
-from .fingerprint import fingerprint_components, tokenizer_fingerprint
+from .fingerprint import combine_components, fingerprint_components
 from .tokenization import load_tokenizer, resolve_eos_ids
 
 logger = logging.getLogger(__name__)
@@ -363,6 +363,8 @@ class HFEngine(Engine):
             by_tensor.setdefault(id(tensor), []).append(name)
         self._tie_groups = list(by_tensor.values())
 
+        parts = fingerprint_components(tokenizer)
+
         self._info = EngineInfo(
             model=self.config.model,
             served_model_name=self.config.served_model_name or self.config.model,
@@ -371,8 +373,8 @@ class HFEngine(Engine):
             device=str(device),
             max_model_len=self._max_model_len,
             vocab_size=self._vocab_size,
-            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-            tokenizer_fingerprint_components=fingerprint_components(tokenizer),
+            tokenizer_fingerprint=combine_components(parts),
+            tokenizer_fingerprint_components=parts,
             eos_token_ids=list(self._eos_ids),
         )
 

@@ -114,7 +114,7 @@ from .checkpoint import (
     resolve_model_dir,
     validate_checkpoint_dir,
 )
-from .fingerprint import fingerprint_components, tokenizer_fingerprint
+from .fingerprint import combine_components, fingerprint_components
 from .tokenization import decode, load_tokenizer, resolve_eos_ids
 
 if TYPE_CHECKING:
@@ -342,6 +342,7 @@ class VLLMEngine(Engine):
                 tokenizer, SimpleNamespace(eos_token_id=generation.get("eos_token_id"))
             )
             device = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
+            parts = fingerprint_components(tokenizer)
             self._info = EngineInfo(
                 model=self.config.model,
                 served_model_name=self.config.served_model_name or self.config.model,
@@ -350,8 +351,8 @@ class VLLMEngine(Engine):
                 device=device,
                 max_model_len=self._max_model_len,
                 vocab_size=self._vocab_size,
-                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                tokenizer_fingerprint_components=fingerprint_components(tokenizer),
+                tokenizer_fingerprint=combine_components(parts),
+                tokenizer_fingerprint_components=parts,
                 eos_token_ids=eos_ids,
             )
             await asyncio.to_thread(self._read_reference_spec)

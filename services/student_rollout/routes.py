@@ -26,7 +26,7 @@ from fastapi.responses import Response
 from services.common.app import ServiceState, get_state
 from services.common.errors import APIError
 from services.common.limits import check_length, check_limit, check_not_empty, check_token_ids
-from services.common.openai_routes import check_model, generate
+from services.common.openai_routes import check_model, generate, parse_stops
 from services.engine import tokenization
 from services.engine.base import Engine, SamplingSpec
 from services.protocol import (
@@ -75,16 +75,6 @@ def prompt_ids(engine: Engine, prompt: RolloutPrompt, index: int) -> list[int]:
     return ids
 
 
-def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    for i, s in enumerate(stops):
-        if not s:
-            raise APIError(400, f"stop[{i}]: a stop string must not be empty", param="stop")
-    return stops
-
-
 def validate_request(
     state: ServiceState, engine: Engine, req: RolloutRequest
 ) -> tuple[list[list[int]], SamplingSpec]:
@@ -108,7 +98,7 @@ def validate_request(
             "use -1 for no top-k filter",
             param="top_k",
         )
-    stops = _stops(req.stop)
+    stops = parse_stops(req.stop)
 
     prompts: list[list[int]] = []
     total = 0
