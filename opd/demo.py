@@ -9,6 +9,13 @@
    format rate, accuracy), while a thread measures the teacher on the same problems (the two
    run on different services, so on a 2-core machine they overlap);
 4. print the table, write the plots; stop the services (also on Ctrl-C).
+
+The data is the GSM8K subset shipped with the package (``data.source: bundled`` in the demo
+config): training prompts from its train rows, the held-out set from the first of its test
+rows, so the demo needs no network and nothing beside the checkout. Everything the run
+writes goes under its run directory (``--run-dir`` or a ``run_dir=`` override):
+``train/`` (the trainer's run: metrics, plots, checkpoints), ``logs/`` (the services'),
+``weights/`` and ``results.md`` (the table).
 """
 
 from __future__ import annotations
@@ -17,9 +24,6 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -27,16 +31,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.launch import ServiceProcess, start_service, wait_all_ready
+
 log = logging.getLogger("opd.demo")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "opd_gsm8k" / "demo_cpu.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+DEFAULT_RUN_DIR = "runs/demo"
 
 
 def _default_backend() -> str:
@@ -47,71 +48,6 @@ def _default_backend() -> str:
     return "vllm"
 
 
-@dataclass
-class Service:
-    """A service subprocess in its own process group (so Ctrl-C reaches us, not it)."""
-
-    name: str
-    url: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after a grace period; idempotent."""
-        if self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-def _start_service(name: str, module: str, args: list[str], log_dir: Path) -> Service:
-    port = _free_port()
-    log_path = log_dir / f"{name}.log"
-    cmd = [sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(port)]
-    env = dict(os.environ)
-    # Two services and the trainer share a small CPU: keep vLLM's KV cache modest.
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    log.info("starting %s: %s (log: %s)", name, " ".join(cmd), log_path)
-    out = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(
-        cmd,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-        cwd=str(REPO_ROOT),
-    )
-    return Service(name=name, url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
-
-
-def _wait_ready(services: Sequence[Service], timeout_s: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    pending = list(services)
-    while pending:
-        for svc in list(pending):
-            if svc.proc.poll() is not None:
-                tail = svc.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the {svc.name} service exited early; its log ends:\n{tail}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(svc.url + "/ready", timeout=2.0).status_code == 200:
-                    log.info("%s ready at %s", svc.name, svc.url)
-                    pending.remove(svc)
-        if pending and time.monotonic() > deadline:
-            names = ", ".join(s.name for s in pending)
-            raise RuntimeError(
-                f"{names} not ready after {timeout_s:.0f}s (see logs in {svc.log_path.parent})"
-            )
-        time.sleep(1.0)
-
-
 @contextlib.contextmanager
 def running_services(
     teacher_dir: str | Path,
@@ -120,25 +56,36 @@ def running_services(
     backend: str,
     log_dir: Path,
     ready_timeout_s: float,
-) -> Iterator[tuple[Service, Service]]:
-    """Teacher and rollout services for the duration of the block; always stopped after."""
+) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+    """Teacher and rollout services for the duration of the block; always stopped after.
+
+    Both load at the same time; their logs go to ``log_dir/{teacher,rollout}.log``.
+    """
     extra = ["--backend", backend, "--dtype", "float32", "--max-model-len", "1024"]
     if backend == "vllm":
         extra += ["--enforce-eager"]
-    teacher = _start_service(
-        "teacher", "services.teacher", ["--model", str(teacher_dir), *extra], log_dir
-    )
-    rollout = _start_service(
-        "rollout",
-        "services.student_rollout",
-        ["--model", str(student_dir), "--weights-dir", str(weights_dir), *extra],
-        log_dir,
-    )
+    # Two services and the trainer share a small CPU: keep vLLM's KV cache modest.
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    started: list[ServiceProcess] = []
     try:
-        _wait_ready([teacher, rollout], ready_timeout_s)
-        yield teacher, rollout
+        for name, module, args in (
+            ("teacher", "services.teacher", ["--model", str(teacher_dir)]),
+            (
+                "rollout",
+                "services.student_rollout",
+                ["--model", str(student_dir), "--weights-dir", str(weights_dir)],
+            ),
+        ):
+            started.append(
+                start_service(
+                    module, [*args, *extra], name=name, env=env,
+                    log_path=log_dir / f"{name}.log", stop_timeout=20.0, wait=False,
+                )
+            )
+        wait_all_ready(started, ready_timeout_s)
+        yield started[0], started[1]
     finally:
-        for svc in (rollout, teacher):
+        for svc in reversed(started):
             svc.stop()
 
 
@@ -234,6 +181,27 @@ def format_table(rows: Sequence[Row], n_problems: int, kl_prompts: int) -> str:
     return "\n".join(lines)
 
 
+def split_run_dir(run_dir: str | None, overrides: Sequence[str]) -> tuple[Path, list[str]]:
+    """The demo's run directory, and the config overrides left for the trainer.
+
+    A ``run_dir=DIR`` override is the demo's run directory, like ``--run-dir DIR`` (the last
+    one given wins over the flag): the trainer then writes into ``DIR/train`` and the table
+    into ``DIR/results.md``, beside the run it describes, rather than the trainer alone
+    moving while the table stays in the default place.
+    """
+    chosen = run_dir or DEFAULT_RUN_DIR
+    rest: list[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "run_dir":
+            chosen = value.strip()
+        else:
+            rest.append(item)
+    if not chosen:
+        raise ValueError("run_dir= needs a directory")
+    return Path(chosen).expanduser().resolve(), rest
+
+
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="opd demo",
@@ -242,10 +210,15 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--data",
-        help="GSM8K dir/file or hub id (default: $OPD_DATA_DIR, "
-        "../shared/data/gsm8k, then the hub)",
+        help="GSM8K dir/file, hub id or 'bundled' (default: the config's data.source, "
+        "'bundled' in the demo config: the subset shipped with the package)",
     )
-    p.add_argument("--run-dir", default="runs/demo", help="where the run's files go")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help=f"where the run's files go: train/, logs/, weights/, results.md (default: "
+        f"{DEFAULT_RUN_DIR}; a `run_dir=DIR` override means the same)",
+    )
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="trainer config to start from")
     p.add_argument(
         "--backend",
@@ -303,20 +276,25 @@ def main(argv: Sequence[str]) -> int:
     from trainer.plots import plot_runs
 
     started = time.monotonic()
-    run_dir = Path(args.run_dir).resolve()
+    try:
+        run_dir, user_overrides = split_run_dir(args.run_dir, args.overrides)
+    except ValueError as exc:
+        print(f"opd demo: {exc}", file=sys.stderr)
+        return 2
     log_dir = run_dir / "logs"
     weights_dir = run_dir / "weights"
     for d in (log_dir, weights_dir):
         d.mkdir(parents=True, exist_ok=True)
 
-    source = resolve_data_source(args.data)
+    cfg0 = load_config(args.config, user_overrides)
+    source = resolve_data_source(args.data or cfg0.data.source)
     try:
         heldout_all = load_gsm8k("test", source)
     except Exception as exc:
         print(
             f"opd demo: no GSM8K data found ({exc}).\nGive it with --data DIR (a folder with "
-            "train.jsonl and test.jsonl), set OPD_DATA_DIR, put it at ../shared/data/gsm8k, "
-            "or make the Hugging Face hub reachable.",
+            "train.jsonl and test.jsonl), use --data bundled (the subset shipped with the "
+            "package), or make the Hugging Face hub reachable.",
             file=sys.stderr,
         )
         return 2
@@ -334,10 +312,9 @@ def main(argv: Sequence[str]) -> int:
         f"student.model={student_model}",
         f"data.source={source}",
         f"sync.shared_dir={weights_dir / 'sync'}",
-        *args.overrides,
+        *user_overrides,
     ]
-    cfg0 = load_config(args.config, list(args.overrides))
-    n_heldout = args.heldout or cfg0.eval.limit or 32
+    n_heldout = min(args.heldout or cfg0.eval.limit or 32, len(heldout_all))
     heldout = heldout_all[:n_heldout]
     kl_prompts = min(cfg0.eval.kl_prompts or 16, n_heldout)
     # The trainer's start/end evaluations are the table's student rows: same problems.
@@ -358,14 +335,15 @@ def main(argv: Sequence[str]) -> int:
             ready_timeout_s=600,
         ) as (teacher, rollout):
             overrides += [
-                f"services.teacher_url={teacher.url}",
-                f"services.rollout_url={rollout.url}",
+                f"services.teacher_url={teacher.base_url}",
+                f"services.rollout_url={rollout.base_url}",
             ]
             cfg = load_config(args.config, overrides)
             teacher_eval = None
             if not args.no_teacher_eval:
                 log.info("measuring the teacher on %d held-out problems", n_heldout)
-                teacher_eval = _TeacherEval(cfg, TeacherClient("teacher", teacher.url), heldout)
+                teacher_client = TeacherClient("teacher", teacher.base_url)
+                teacher_eval = _TeacherEval(cfg, teacher_client, heldout)
             log.info("training (%s backend); the trainer evaluates at start and end", backend)
             train_dir = train(cfg)
             before, after = _eval_rows(train_dir)

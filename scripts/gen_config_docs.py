@@ -33,7 +33,7 @@ END = "<!-- END GENERATED CONFIG REFERENCE -->"
 
 # Fields documented nowhere in their model (LossConfig's undocumented ones); keep short.
 FALLBACK = {
-    "algorithm.algorithm": "advantage: reverse KL `c (tau - s)` or generalized JSD `-c j_t` (DESIGN.md 4)",
+    "algorithm.algorithm": "advantage: reverse KL `c (tau - s)` or generalized JSD `-c j_t` (docs/design.md §4)",
     "algorithm.loss": "PPO clipped objective (with dual clip) or plain importance sampling `-A r`",
     "algorithm.aggregation": "loss reduction: mean over all response tokens, or the mean over "
     "sequences of each sequence's token mean / token sum",

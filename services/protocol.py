@@ -1,8 +1,8 @@
 """The wire contract: every request and response body of the teacher and rollout services.
 
 One module, imported by the services (to validate) and by the trainer (to build requests and
-parse answers), so both sides cannot drift. Field names and meanings follow DESIGN.md section 3.
-OpenAI-compatible bodies (`/v1/completions`, `/v1/chat/completions`) live in
+parse answers), so both sides cannot drift. Field names and meanings are those of
+docs/design.md §3. OpenAI-compatible bodies (`/v1/completions`, `/v1/chat/completions`) live in
 `services/openai_protocol.py`.
 """
 
@@ -265,3 +265,27 @@ class ErrorResponse(BaseModel):
     """OpenAI's error body."""
 
     error: ErrorInfo
+
+
+class NotReadyResponse(ErrorResponse):
+    """`GET /ready` 503: OpenAI's error body plus the engine's state."""
+
+    status: Literal["loading", "failed", "broken"]
+
+
+# --------------------------------------------------------------------------- both: probes
+
+
+class HealthResponse(BaseModel):
+    """`GET /health`: the process is up; `engine` is "loading", "ready" or "failed"."""
+
+    status: Literal["ok"]
+    engine: Literal["loading", "ready", "failed"]
+    service: str
+
+
+class ReadyResponse(BaseModel):
+    """`GET /ready` 200: the model is loaded and the engine can serve."""
+
+    status: Literal["ready"]
+    model: str

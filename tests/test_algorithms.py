@@ -147,7 +147,7 @@ def test_on_policy_distill_advantage() -> None:
         # p_s = 0.2 (student), p_tau = 0.6 (teacher), M = b p_tau + (1-b) p_s
         (0.0, math.log(0.2) - math.log(0.6)),  # special case: s - tau
         (1.0, math.log(0.6) - math.log(0.2)),  # special case: tau - s
-        # 0 < b < 1: j = s - log M (not DESIGN.md 4's b (tau - log M) + (1-b) (s - log M))
+        # 0 < b < 1: j = s - log M (not the usual b (tau - log M) + (1-b) (s - log M))
         (0.5, math.log(0.2 / 0.4)),  # M = 0.5 * 0.6 + 0.5 * 0.2 = 0.4
         (0.3, math.log(0.2 / 0.32)),  # M = 0.3 * 0.6 + 0.7 * 0.2 = 0.32
         (0.9, math.log(0.2 / 0.56)),  # M = 0.9 * 0.6 + 0.1 * 0.2 = 0.56
@@ -171,7 +171,7 @@ def test_jsd_is_zero_when_student_equals_teacher() -> None:
 @pytest.mark.parametrize("b", [0.1, 0.3, 0.5, 0.9])
 def test_jsd_student_expectation_is_kl_student_to_mixture(b: float) -> None:
     # On an exact categorical: E_{y~S}[j(y)] = sum_y S(y) (log S(y) - log M(y)) = KL(S || M) >= 0
-    # with M = b T + (1-b) S, i.e. j is the on-policy cost of the generalized JSD. DESIGN.md 4's
+    # with M = b T + (1-b) S, i.e. j is the on-policy cost of the generalized JSD. The usual single-sample
     # b (tau - log M) + (1-b) (s - log M) fails this: it is <= 0 everywhere (weighted AM-GM).
     g = torch.Generator().manual_seed(int(b * 10))
     logit_s, logit_t = (torch.randn(7, generator=g, dtype=torch.float64) * 2 for _ in range(2))

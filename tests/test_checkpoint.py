@@ -1,4 +1,4 @@
-"""Checkpoint validation from safetensors headers (services/engine/checkpoint.py)."""
+"""Checkpoint validation from safetensors headers (services/engine/checkpoint.py, dtypes.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from safetensors.torch import save_file
 from services.engine.base import WeightsError
 from services.engine.checkpoint import (
     CheckpointSpec,
-    canonical_dtype,
     expected_spec_from_checkpoint,
     read_safetensors_header,
+    reference_checkpoint,
     validate_checkpoint_dir,
 )
+from services.engine.dtypes import canonical_dtype, torch_dtype
 
 SPEC = {"a.weight": ((4, 3), "F32"), "b.bias": ((5,), "float32")}
 
@@ -42,8 +43,9 @@ def test_header_of_a_good_file(tmp_path):
     file = _write(tmp_path, _tensors())
     header = read_safetensors_header(file)
     assert set(header) == {"a.weight", "b.bias"}
-    assert header["a.weight"]["shape"] == [4, 3]
-    assert header["a.weight"]["dtype"] == "F32"
+    assert header["a.weight"].shape == (4, 3)
+    assert header["a.weight"].dtype == "F32"
+    assert header["a.weight"].file == file
     assert validate_checkpoint_dir(tmp_path, SPEC) == [file]
 
 
@@ -53,6 +55,10 @@ def test_canonical_dtype():
     assert canonical_dtype("f16") == "F16"
     with pytest.raises(ValueError):
         canonical_dtype("float128")
+    assert torch_dtype("bfloat16") is torch.bfloat16
+    assert torch_dtype("torch.float32") is torch.float32
+    with pytest.raises(KeyError):
+        torch_dtype("int8")
 
 
 @pytest.mark.parametrize(
@@ -61,9 +67,9 @@ def test_canonical_dtype():
         (b"", "not a safetensors file"),
         (b"abc", "not a safetensors file"),
         (b"PK\x03\x04 this is a zip file, not safetensors" * 4, "not a safetensors file"),
-        (struct.pack("<Q", 40) + b"{not json" + b" " * 31, "header is not JSON"),
+        (struct.pack("<Q", 40) + b"{not json" + b" " * 31, "invalid JSON"),
         (struct.pack("<Q", 10**6) + b"{}", "truncated"),
-        (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+        (struct.pack("<Q", 2) + b"[]", r"not a safetensors file \(bad header"),
     ],
 )
 def test_not_safetensors(tmp_path, content, message):
@@ -74,10 +80,13 @@ def test_not_safetensors(tmp_path, content, message):
         validate_checkpoint_dir(tmp_path, SPEC)
 
 
-def test_truncated_data(tmp_path):
+@pytest.mark.parametrize("keep", [0.5, -7, -1, 9])
+def test_truncated_file(tmp_path, keep):
+    """A file cut anywhere (in the data, in the header, just after the length) is refused,
+    and the message says it is truncated."""
     file = _write(tmp_path, _tensors())
     blob = file.read_bytes()
-    file.write_bytes(blob[:-7])
+    file.write_bytes(blob[: int(len(blob) * keep)] if isinstance(keep, float) else blob[:keep])
     with pytest.raises(WeightsError, match="truncated"):
         validate_checkpoint_dir(tmp_path, SPEC)
 
@@ -90,7 +99,7 @@ def test_trailing_bytes_and_bad_offsets(tmp_path):
 
     header = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}
     _raw_file(file, header, b"\0" * 8)
-    with pytest.raises(WeightsError, match="needs 8 bytes"):
+    with pytest.raises(WeightsError, match="invalid shape, data type, or offset"):
         read_safetensors_header(file)
 
     header = {
@@ -98,17 +107,22 @@ def test_trailing_bytes_and_bad_offsets(tmp_path):
         "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
     }
     _raw_file(file, header, b"\0" * 12)
-    with pytest.raises(WeightsError, match="overlaps"):
+    with pytest.raises(WeightsError, match="invalid offset for tensor `y`"):
         read_safetensors_header(file)
 
     header = {"x": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}
     _raw_file(file, header, b"\0" * 8)
-    with pytest.raises(WeightsError, match="unknown dtype"):
+    with pytest.raises(WeightsError, match="unknown variant `Q9`"):
         read_safetensors_header(file)
 
     header = {"x": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}
     _raw_file(file, header, b"\0" * 8)
-    with pytest.raises(WeightsError, match="malformed"):
+    with pytest.raises(WeightsError, match="not a safetensors file.*expected a sequence"):
+        read_safetensors_header(file)
+
+    header = {"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}
+    _raw_file(file, header, b"\0" * 8)
+    with pytest.raises(WeightsError, match="invalid offset for tensor `x`"):  # a gap
         read_safetensors_header(file)
 
 
@@ -230,3 +244,16 @@ def test_tiny_model_spec(tiny_models):
     assert "lm_head.weight" in spec and "model.embed_tokens.weight" in spec
     assert all(dtype == "F32" for _, dtype in spec.values())
     validate_checkpoint_dir(tiny_models["student"], spec)
+
+
+def test_reference_checkpoint(tmp_path, tiny_models):
+    """What the weights manager and both backends read at start: the spec, or why not."""
+    ref = reference_checkpoint(str(tiny_models["student"]))
+    assert ref.error is None and ref.model_dir == tiny_models["student"].resolve()
+    assert ref.spec == expected_spec_from_checkpoint(tiny_models["student"])
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not safetensors")
+    ref = reference_checkpoint(str(tmp_path / "bin"))
+    assert ref.spec is None and "no .safetensors files" in ref.error
+    ref = reference_checkpoint("no-such-org/no-such-model-for-opd-tests")
+    assert ref.spec is None and ref.model_dir is None and "no local copy" in ref.error

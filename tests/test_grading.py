@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer import grading
 from trainer.data import extract_ground_truth, load_gsm8k
 from trainer.grading import (
     Grade,
@@ -110,6 +111,72 @@ def test_grade_table(response: str, truth: str, correct: bool, has_answer: bool)
     g = grade(response, truth)
     assert isinstance(g, Grade)
     assert (g.correct, g.has_answer) == (correct, has_answer), g
+
+
+# What math-verify decides (the hand-written normaliser reads none of these as one number):
+# (response, ground truth, correct)
+MATH_VERIFY_CASES: list[tuple[str, str, bool]] = [
+    (r"\boxed{2^3}", "8", True),
+    (r"\boxed{10^2}", "100", True),
+    (r"\boxed{\sqrt{324}}", "18", True),
+    (r"\boxed{6 \cdot 3}", "18", True),
+    (r"\boxed{(3+3) \times 3}", "18", True),
+    (r"\boxed{1.5 \times 10^3}", "1500", True),
+    (r"\boxed{y = 2 \times 9}", "18", True),
+    (r"\boxed{\$18 \times 2}", "36", True),
+    ("The answer is 2^3.", "8", True),
+    ("#### 3*6", "18", True),
+    (r"\boxed{2^4}", "8", False),
+    (r"\boxed{3 \cdot 7}", "18", False),
+    (r"\boxed{18 + 2}", "18", False),
+    (r"\boxed{\sqrt{2}}", "1.414", False),
+    (r"\boxed{3+4i}", "7", False),
+    (r"\boxed{18 \text{ dollars and } 20 \text{ cents}}", "18", False),
+]
+
+
+@pytest.mark.parametrize(("response", "truth", "correct"), MATH_VERIFY_CASES)
+def test_math_verify_decides_expressions(response: str, truth: str, correct: bool) -> None:
+    assert normalize_number(extract_answer(response) or "") is None  # not a plain number
+    assert grade(response, truth).correct is correct
+
+
+def test_math_verify_is_asked_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """math-verify's "equal" is final; the hand-written rules only add what it rejects."""
+    asked: list[tuple[str, str]] = []
+
+    def says_equal(pred: str, truth: str) -> bool:
+        asked.append((pred, truth))
+        return True
+
+    monkeypatch.setattr(grading, "_math_verify_equal", says_equal)
+    assert is_equivalent("17", "18")  # whatever math-verify says "equal" is equal
+    assert asked == [("17", "18")]
+    monkeypatch.setattr(grading, "_math_verify_equal", lambda pred, truth: False)
+    assert is_equivalent("18 dollars", "18")  # the normaliser still reads plain numbers
+    assert is_equivalent(r"\text{18}", "18")
+    assert not is_equivalent("3 \\times 6", "18")  # only math-verify evaluates expressions
+
+
+# (response, formatted = a final \boxed{}, has_answer = an answer was stated)
+FORMAT_CASES: list[tuple[str, bool, bool]] = [
+    (r"So \boxed{18}.", True, True),
+    (r"#### 20, then finally \boxed{18}", True, True),
+    (r"\boxed{18} and later #### 20", True, True),
+    ("Step one.\n#### 18", False, True),
+    ("The answer is 18.", False, True),
+    ("48 + 24 = 72", False, False),
+    (r"So we get \boxed{1", False, False),
+    (r"Put the answer in \boxed{} please", False, False),
+    ("no answer", False, False),
+]
+
+
+@pytest.mark.parametrize(("response", "formatted", "has_answer"), FORMAT_CASES)
+def test_format_is_a_final_box(response: str, formatted: bool, has_answer: bool) -> None:
+    g = grade(response, "18")
+    assert (g.formatted, g.has_answer) == (formatted, has_answer), g
+    assert (g.form == "boxed") is formatted
 
 
 EXTRACT_CASES: list[tuple[str, str | None, str | None]] = [

@@ -1,13 +1,11 @@
 """The fused Triton OPD loss kernel against the plain-torch reference.
 
-On a machine without a GPU the kernel really runs, through Triton's interpreter. Triton reads
-``TRITON_INTERPRET`` when a function is decorated with ``triton.jit``, and it decorates its own
-library (``tl.sum``, ...) when ``triton`` is first imported, so this module sets the variable
-before its first ``import triton`` and restores it right after the imports (CPU-only hosts only:
-on a GPU host the kernel is tested compiled, on CUDA tensors).
-Where triton was already imported without the interpreter (a GPU host, or another test module
-imported it first), ``test_interpreted_kernel_in_subprocess`` reruns the CPU cases of this file
-in a fresh interpreter-mode process, so they are never silently skipped.
+On a machine without a GPU the kernel really runs, through Triton's interpreter:
+``tests/conftest.py`` imports triton and the kernel with ``TRITON_INTERPRET=1`` before any test
+module, and the ``device`` fixture sets the variable again while a CPU case runs (the
+interpreter consults it at launch too). On a GPU host the kernel is tested compiled, on CUDA
+tensors, and ``test_interpreted_kernel_in_subprocess`` runs the CPU cases in a fresh
+interpreter-mode process.
 """
 
 from __future__ import annotations
@@ -22,12 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-triton = pytest.importorskip("triton")
+import triton  # noqa: F401  (imported by conftest, under the interpreter on CPU)
 
 from tests.test_algorithms import (  # noqa: E402
     HAND_IS_GRAD,
@@ -40,14 +33,6 @@ from tests.test_algorithms import (  # noqa: E402
 from trainer.algorithms import LossConfig, LossSums  # noqa: E402
 from trainer.kernels import finalize_metrics, opd_loss, resolve_backend  # noqa: E402
 from trainer.kernels import opd_loss_triton as kernel_module  # noqa: E402
-
-# Triton and the kernel are decorated now; put the variable back so it does not leak into other
-# tests' subprocesses. The `device` fixture sets it again while a CPU test runs (the interpreter
-# consults it at launch too).
-if _SAVED_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
 
 #: Whether the kernel runs on CPU tensors in this process (built for the interpreter).
 INTERPRETED = kernel_module.interpreted()
@@ -63,7 +48,8 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     """The device to test on; CPU runs the kernel in Triton's interpreter."""
     if request.param == "cpu":
         if not INTERPRETED:
-            pytest.skip("triton imported without TRITON_INTERPRET=1; see the subprocess test")
+            # A CUDA host compiles the kernel; its CPU cases run in the subprocess test.
+            pytest.skip("CUDA host: CPU cases run in test_interpreted_kernel_in_subprocess")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("OPD_LOSS_BACKEND", raising=False)
     return request.param
@@ -222,7 +208,7 @@ def test_kernel_hand_example(device: str) -> None:
         # token 0: p_s = 0.2, p_tau = 0.6; token 1: p_s = 0.6, p_tau = 0.2; M = b p_tau + (1-b) p_s
         (0.0, [math.log(0.2 / 0.6), math.log(0.6 / 0.2)]),  # s - tau
         (1.0, [math.log(0.6 / 0.2), math.log(0.2 / 0.6)]),  # tau - s
-        # 0 < b < 1: j = s - log M (not DESIGN.md 4's b (tau - log M) + (1-b) (s - log M))
+        # 0 < b < 1: j = s - log M (not the usual b (tau - log M) + (1-b) (s - log M))
         (0.5, [math.log(0.2 / 0.4), math.log(0.6 / 0.4)]),
         (0.3, [math.log(0.2 / 0.32), math.log(0.6 / 0.48)]),
         (0.9, [math.log(0.2 / 0.56), math.log(0.6 / 0.24)]),
@@ -410,15 +396,16 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch: pytest.Monkey
         opd_loss(x, x, x, torch.ones(1, 4), LossConfig(), backend="triton")
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the CPU cases already ran in this process")
-def test_interpreted_kernel_in_subprocess() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "cpu"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+if not INTERPRETED:  # a CUDA host; on CPU the cases ran in this process
+
+    def test_interpreted_kernel_in_subprocess() -> None:
+        env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "cpu"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -21,10 +21,6 @@ pytestmark = [
     pytest.mark.skipif(
         importlib.util.find_spec("vllm") is None, reason="the vllm package is not installed"
     ),
-    pytest.mark.skipif(
-        importlib.util.find_spec("services.engine.vllm_backend") is None,
-        reason="services/engine/vllm_backend.py is not there",
-    ),
 ]
 
 

@@ -2,7 +2,7 @@
 
 hf backend: `/v1/score` against a direct transformers forward (float32, 1e-4 abs), top-k,
 temperature, base64, the echo form of `/v1/completions`, text and chat forms, the official
-`openai` client, every bad input of DESIGN.md section 7, 32 concurrent requests, 429 over
+`openai` client, every bad input of docs/design.md §7, 32 concurrent requests, 429 over
 capacity. vllm backend (marked `vllm`, one server for the module): score against transformers,
 the openai client, `vllm:` metrics.
 """
@@ -45,7 +45,7 @@ def _server_args(model: Path, backend: str, *extra: str) -> list[str]:
 def _vllm_available() -> bool:
     # find_spec, not import: importing vllm here would cost the test process seconds.
     return (importlib.util.find_spec("vllm") is not None
-            and importlib.util.find_spec("services.engine.vllm_backend") is not None)
+            and importlib.util.find_spec("services.engine.vllm") is not None)
 
 
 @pytest.fixture(scope="module")
@@ -531,7 +531,7 @@ def _start_vllm(tiny_models) -> ServerHandle:
 def vllm_teacher(request, tiny_models) -> Any:
     """ONE vLLM teacher for the module (started by `hf_servers` when hf tests run too)."""
     if not _vllm_available():
-        pytest.skip("vllm or services.engine.vllm_backend is not installed")
+        pytest.skip("vllm or services.engine.vllm is not installed")
     hf = request.getfixturevalue("hf_servers") if any(
         item.get_closest_marker("vllm") is None and item.module is request.module
         for item in request.session.items) else None

@@ -1,6 +1,7 @@
 """HTTP clients against fake servers (httpx.MockTransport): retries with backoff and
-Retry-After, fatal 4xx, readiness polling, base64 decoding, the weight sync's versioning,
-restart recovery and load->upload fallback; the start-up compatibility checks."""
+Retry-After (trainer.retry), fatal 4xx, readiness polling, base64 decoding, the weight sync's
+versioning, restart recovery and load->upload fallback (trainer.weight_sync); the start-up
+compatibility checks (trainer.service_checks)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,17 @@ import pytest
 
 from services.protocol import B64Array, InfoResponse
 from trainer.clients import (
-    RetryPolicy,
     RolloutClient,
     ServiceClient,
     ServiceError,
     ServiceUnavailable,
     TeacherClient,
-    WeightSync,
-    parse_retry_after,
 )
 from trainer.config import load_config
-from trainer.loop import StartupError, check_services
+from trainer.errors import StartupError
+from trainer.retry import RetryPolicy, parse_retry_after
+from trainer.service_checks import check_services
+from trainer.weight_sync import WeightSync
 
 
 class Flaky:

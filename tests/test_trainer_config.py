@@ -107,6 +107,45 @@ def test_invalid_configs_name_the_key(overrides: list[str], needle: str) -> None
     assert needle in str(err.value)
 
 
+def test_jsd_at_lambda_one_is_refused_unless_opted_in() -> None:
+    # b = 1 makes j_t = tau - s: its advantage c (s - tau) trains away from the teacher.
+    jsd1 = [*MINIMAL, "algorithm.algorithm=jsd", "algorithm.lambda_coef=1"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, jsd1)
+    message = str(err.value)
+    assert "trains the student away from the teacher" in message
+    assert "on_policy_distill" in message and "c (tau - s)" in message
+    assert "algorithm.allow_anti_distillation: true" in message
+
+    cfg = load_config(None, [*jsd1, "algorithm.allow_anti_distillation=true"])
+    assert cfg.algorithm.lambda_coef == 1.0 and cfg.algorithm.allow_anti_distillation
+    for b in ("0", "0.5"):
+        cfg = load_config(None, [*MINIMAL, "algorithm.algorithm=jsd", f"algorithm.lambda_coef={b}"])
+        assert cfg.algorithm.lambda_coef == float(b)
+    # on_policy_distill ignores lambda_coef (it only sets the logged rollout/jsd/mean).
+    assert load_config(None, [*MINIMAL, "algorithm.lambda_coef=1"]).algorithm.lambda_coef == 1.0
+
+
+@pytest.mark.parametrize(
+    ("schedule", "warmup", "want"),
+    [
+        ("constant", 0, [1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("constant", 2, [0.5, 1.0, 1.0, 1.0, 1.0]),  # the first step already learns
+        ("linear", 0, [1.0, 0.75, 0.5, 0.25, 0.0]),
+        ("linear", 1, [1.0, 1.0, 2 / 3, 1 / 3, 0.0]),
+        ("cosine", 0, [1.0, 0.5 + 0.5 ** 1.5, 0.5, 0.5 - 0.5 ** 1.5, 0.0]),
+    ],
+)
+def test_lr_schedule_factors(schedule: str, warmup: int, want: list[float]) -> None:
+    from trainer.optimization import lr_factor
+
+    cfg = load_config(
+        None, [*MINIMAL, f"trainer.lr_schedule={schedule}", f"trainer.warmup_steps={warmup}"]
+    )
+    got = [lr_factor(cfg.trainer, total_steps=4)(done) for done in range(5)]
+    assert got == pytest.approx(want)
+
+
 def test_missing_required_student_model() -> None:
     with pytest.raises(ConfigError, match="student: required key is missing"):
         load_config(None, ["seed=1"])

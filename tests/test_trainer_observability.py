@@ -3,42 +3,36 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import httpx
 import pytest
 
+from services.launch import free_port
 from trainer.config import LoggingConfig
-from trainer.observability import DESIGN_SCALARS, Observability, prometheus_name, read_metrics
+from trainer.observability import STEP_SCALARS, Observability, prometheus_name, read_metrics
 from trainer.plots import main as plot_main
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_prometheus_names_follow_team_notes() -> None:
     assert prometheus_name("rollout/accuracy/mean") == "opd_rollout_accuracy_mean"
     assert prometheus_name("timing/step_s") == "opd_timing_step_s"
     assert prometheus_name("policy/staleness") == "opd_policy_staleness"
-    assert len(DESIGN_SCALARS) == 23
+    assert len(STEP_SCALARS) == 23
 
 
 def test_sinks_write_jsonl_tensorboard_and_serve_gauges(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     cfg = LoggingConfig(metrics_port=port, metrics_host="127.0.0.1", progress_bar=True)
     obs = Observability(tmp_path, cfg, total_steps=3)
     try:
-        obs.log(1, {k: 0.5 for k in DESIGN_SCALARS})
+        obs.log(1, {k: 0.5 for k in STEP_SCALARS})
         obs.log(2, {"rollout/accuracy/mean": 0.75, "actor/pg_loss": float("nan")})
         obs.log_samples(2, [{"response": "4", "correct": True}])
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert "opd_rollout_accuracy_mean 0.75" in text
         assert "opd_trainer_step 2.0" in text
-        for key in DESIGN_SCALARS:
+        for key in STEP_SCALARS:
             assert prometheus_name(key) in text
         with pytest.raises(OSError, match="logging.metrics_port"):
             Observability(tmp_path / "other", cfg, total_steps=1)
@@ -46,7 +40,7 @@ def test_sinks_write_jsonl_tensorboard_and_serve_gauges(tmp_path: Path) -> None:
         obs.close()
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
-    assert set(DESIGN_SCALARS) <= set(records[0])
+    assert set(STEP_SCALARS) <= set(records[0])
     assert records[1]["actor/pg_loss"] is None  # nan is not valid JSON
     assert json.loads((tmp_path / "samples.jsonl").read_text())["correct"] is True
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -6,7 +6,8 @@ import pytest
 
 from services.protocol import InfoResponse
 from trainer.config import load_config
-from trainer.loop import StartupError, check_services
+from trainer.errors import StartupError
+from trainer.service_checks import check_services
 
 PARTS = {"vocab": "v", "model": "m", "added_tokens": "a", "special_tokens": "s", "chat_template": "c"}
 

@@ -1,12 +1,12 @@
 """On-policy distillation losses: the plain-torch reference (the specification).
 
-Everything here follows DESIGN.md section 4 line by line, written for readability, not speed,
-with one deliberate deviation (below). The fused Triton kernel in :mod:`trainer.kernels` must reproduce these numbers to float32
+Everything here follows docs/design.md §4 line by line, written for readability, not speed.
+The fused Triton kernel in :mod:`trainer.kernels` must reproduce these numbers to float32
 rounding; ``tests/test_kernel.py`` checks that and ``tests/test_algorithms.py`` checks the
 formulas themselves against hand-computed values.
 
-**Deviation from DESIGN.md section 4: the ``jsd`` cost for ``0 < b < 1``.** DESIGN.md's
-single-sample ``j_t = b (tau - log M) + (1-b) (s - log M)`` (the seed's / Trinity-RFT's) is never
+**The ``jsd`` cost for ``0 < b < 1`` is not the usual one.** The usual
+single-sample ``j_t = b (tau - log M) + (1-b) (s - log M)`` (Trinity-RFT's) is never
 positive there (weighted AM-GM), so the advantage ``-c j_t`` is never negative and training with it
 pushes the student *away* from the teacher (tiny models: held-out reverse KL 5.29 -> 10.34 in 8
 steps). This module uses ``j_t = s - log M`` instead (same ``log M``; 5.23 -> 2.50), the cost whose
@@ -16,7 +16,9 @@ policy gradient is exact:
     grad JSD_b = (1-b) sum_y grad S(y) (log S(y) - log M(y))  (the grad M / M terms cancel)
                = (1-b) E_{y~S}[grad log S(y) (log S(y) - log M(y))]  ((1-b) > 0 folds into c).
 
-``b == 0`` (``s - tau``) and ``b == 1`` (``tau - s``) are kept exactly as DESIGN.md says.
+``b == 0`` (``s - tau``) and ``b == 1`` (``tau - s``) are the usual end points. ``b == 1``
+trains *away* from the teacher, so the config refuses it unless ``allow_anti_distillation`` is
+set (:mod:`trainer.config`).
 
 Notation for one batch, all tensors ``[B, T]``:
 
@@ -60,18 +62,18 @@ from torch import Tensor
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 
-#: Log-ratio clamp of DESIGN section 4: ``r = exp(clamp(logp - s, -LOG_RATIO_CLAMP, +LOG_RATIO_CLAMP))``.
+#: Log-ratio clamp of docs/design.md §4: ``r = exp(clamp(logp - s, -LOG_RATIO_CLAMP, +LOG_RATIO_CLAMP))``.
 LOG_RATIO_CLAMP = 20.0
 
 
 class LossConfig(pydantic.BaseModel):
-    """Scalars of the OPD loss (DESIGN.md section 4). Immutable."""
+    """Scalars of the OPD loss (docs/design.md §4). Immutable."""
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
     #: advantage: reverse KL ``c (tau - s)`` or generalized JSD ``-c j_t``, for ``0 < b < 1``
-    #: with ``j_t = s - log M`` (exact policy gradient; deviates from DESIGN.md 4, see
-    #: docs/trainer.md)
+    #: with ``j_t = s - log M`` (the exact policy gradient, not Trinity-RFT's single-sample
+    #: cost; see docs/trainer.md)
     algorithm: Literal["on_policy_distill", "jsd"] = "on_policy_distill"
     #: ``c``: scale of the advantage.
     kl_coef: float = pydantic.Field(1.0, allow_inf_nan=False)
@@ -83,6 +85,10 @@ class LossConfig(pydantic.BaseModel):
     #: ``C``: dual-clip bound for negative advantages; must exceed ``1 + clip_eps`` to matter.
     dual_clip: float = pydantic.Field(3.0, gt=1.0, allow_inf_nan=False)
     aggregation: Aggregation = "token-mean"
+    #: run ``algorithm: jsd`` with ``lambda_coef: 1`` anyway. Its cost is ``j_t = tau - s``, so
+    #: the advantage ``c (s - tau)`` rewards moving *away* from the teacher; without this flag
+    #: the config refuses it (use ``on_policy_distill``, advantage ``c (tau - s)``, to distill)
+    allow_anti_distillation: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,17 +99,18 @@ def jsd_per_token(s: Tensor, tau: Tensor, lambda_coef: float) -> Tensor:
     """Per-token generalized JSD cost ``j_t`` (the advantage of ``jsd`` is ``-c j_t``).
 
     ``0 < b < 1``: with ``log M = logsumexp(s + log(1-b), tau + log b)`` (the log of the mixture
-    ``M = b*teacher + (1-b)*student``), ``j = s - log M``. This deviates from DESIGN.md section 4
-    (``b*(tau - log M) + (1-b)*(s - log M)``, which is ``<= 0`` and trains away from the teacher;
+    ``M = b*teacher + (1-b)*student``), ``j = s - log M``. This is not the usual single-sample
+    cost (``b*(tau - log M) + (1-b)*(s - log M)``, which is ``<= 0`` and trains away from the teacher;
     see the module docstring): ``s - log M`` is the on-policy cost whose policy gradient is exactly
     ``grad JSD_b / (1-b)``. Its expectation under the student is ``KL(S || M) >= 0``; per token it
     is positive where the student over-rates the token (``s > tau``) and negative where it
     under-rates it, so the advantage has both signs and the dual clip can fire.
 
     ``b == 0``: ``s - tau`` (reverse-KL estimate, the limit of ``s - log M``). ``b == 1``:
-    ``tau - s``, as DESIGN.md says; its advantage ``c (s - tau)`` is the *negated* distillation
-    signal (it rewards moving away from the teacher) and is kept only for compatibility with the
-    seed. The kernel branches on exactly the same float equalities.
+    ``tau - s``, the usual end point; its advantage ``c (s - tau)`` is the *negated*
+    distillation signal (it rewards moving away from the teacher), which the config refuses
+    without ``allow_anti_distillation``. The kernel branches on exactly the same float
+    equalities.
     """
     b = float(lambda_coef)
     if b == 0.0:
@@ -296,7 +303,7 @@ class LossSums:
 
 
 def finalize_metrics(sums: LossSums | Sequence[LossSums] | Iterable[LossSums]) -> dict[str, float]:
-    """Turn (a list of) :class:`LossSums` into the logged scalars (DESIGN section 6).
+    """Turn (a list of) :class:`LossSums` into the logged scalars (docs/design.md §6).
 
     With ``N = tokens`` and ``S = seqs`` summed over all parts:
 

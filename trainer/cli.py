@@ -89,7 +89,8 @@ def train_main(argv: Sequence[str]) -> int:
 
     _setup_logging(cfg.logging.level)
     # Imported after validation so a bad config fails without importing torch.
-    from trainer.loop import StartupError, train
+    from trainer.errors import StartupError
+    from trainer.loop import train
 
     try:
         train(cfg, resume=bool(args.resume))

@@ -203,8 +203,9 @@ class DataConfig(Section):
 
     source: str | None = Field(
         None,
-        description="directory with train.jsonl/test.jsonl, a .jsonl/.parquet file, or a hub "
-        "id; null: $OPD_DATA_DIR, then ../shared/data/gsm8k, then openai/gsm8k",
+        description="directory with train.jsonl/test.jsonl, a .jsonl/.parquet file, a hub "
+        "id, or 'bundled' (the GSM8K subset shipped with the package: 1,000 train and 200 "
+        "test problems); null: $OPD_DATA_DIR, then the hub's openai/gsm8k",
     )
     train_limit: int | None = Field(
         None, ge=1, description="use only the first N training problems"
@@ -338,6 +339,20 @@ class TrainConfig(Section):
             problems.append(
                 f"trainer.warmup_steps ({t.warmup_steps}) exceeds trainer.total_steps "
                 f"({t.total_steps})"
+            )
+        if (
+            self.algorithm.algorithm == "jsd"
+            and self.algorithm.lambda_coef == 1.0
+            and not self.algorithm.allow_anti_distillation
+        ):
+            # The kernel and the reference keep b = 1 exact (j_t = tau - s); only a run of it
+            # needs the explicit opt-in, since it trains the student away from the teacher.
+            problems.append(
+                "algorithm.lambda_coef 1 with algorithm 'jsd' trains the student away from the "
+                "teacher: its cost j_t = tau - s makes the advantage c (s - tau), which rewards "
+                "the tokens the teacher rates lower. To distill use algorithm: on_policy_distill "
+                "(advantage c (tau - s), the distillation direction) or a lambda_coef below 1, "
+                "or set algorithm.allow_anti_distillation: true to run it anyway"
             )
         if not all(0.0 <= b < 1.0 for b in t.betas):
             problems.append(f"trainer.betas {list(t.betas)} must each lie in [0, 1)")

@@ -1,12 +1,15 @@
-"""GSM8K data: the math prompt, loading, and a resumable prompt sampler (DESIGN.md section 5).
+"""GSM8K data: the math prompt, loading, and a resumable prompt sampler (docs/design.md §5).
 
 Where the data comes from (:func:`resolve_data_source`), first match wins:
 
-1. the explicit value (the trainer's ``--data`` flag / config ``data``), a path or a hub id;
+1. the explicit value (the trainer's ``--data`` flag / config ``data.source``): a path, a hub
+   id, or ``bundled``;
 2. the environment variable ``OPD_DATA_DIR``;
-3. ``../shared/data/gsm8k`` relative to the current working directory;
-4. ``../shared/data/gsm8k`` relative to the repository root (found from this file);
-5. the Hugging Face hub dataset ``openai/gsm8k`` (config ``main``).
+3. the Hugging Face hub dataset ``openai/gsm8k`` (config ``main``).
+
+``bundled`` names the GSM8K subset shipped inside this package (``trainer/gsm8k_subset/``:
+the first 1,000 train and 200 test rows, unchanged; see its README), which is what the CPU
+demo and the tests read, offline.
 
 A local source may be a directory holding ``{split}.jsonl`` or ``{split}.parquet`` (or the
 hub's own layout, ``main/{split}-*.parquet``), or a single ``.jsonl`` / ``.parquet`` file
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
+    "BUNDLED_DIR",
+    "BUNDLED_SOURCE",
     "DATA_ENV_VAR",
     "HUB_DATASET_ID",
     "HUB_DATASET_CONFIG",
@@ -50,8 +55,10 @@ HUB_DATASET_CONFIG = "main"
 
 Split = Literal["train", "test"]
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-_SIBLING_DATA = Path("..") / "shared" / "data" / "gsm8k"
+#: The config / ``--data`` value that selects the subset shipped with the package.
+BUNDLED_SOURCE = "bundled"
+#: Where that subset lives (package data, so it is there in a wheel install too).
+BUNDLED_DIR = Path(__file__).resolve().parent / "gsm8k_subset"
 _FILE_SUFFIXES = (".jsonl", ".parquet")
 _REQUIRED_FIELDS = ("question", "answer")
 
@@ -96,37 +103,23 @@ def extract_ground_truth(answer: str) -> str:
     return truth
 
 
-def _looks_like_data_dir(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    return any(
-        (path / f"{split}{suffix}").is_file()
-        for split in ("train", "test")
-        for suffix in _FILE_SUFFIXES
-    ) or any((path / HUB_DATASET_CONFIG).glob("*.parquet"))
-
-
 def resolve_data_source(explicit: str | None = None) -> str:
     """Decide where GSM8K is read from; the first of these that applies wins.
 
-    1. ``explicit`` (e.g. the ``--data`` flag), returned as given: a path or a hub id;
-    2. the ``OPD_DATA_DIR`` environment variable, when set and non-empty;
-    3. ``../shared/data/gsm8k`` relative to the current working directory, when that
-       directory exists and holds ``train``/``test`` data files;
-    4. ``../shared/data/gsm8k`` relative to the repository root, likewise;
-    5. the hub dataset id ``openai/gsm8k``.
+    1. ``explicit`` (e.g. the ``--data`` flag or ``data.source``): ``bundled`` gives the
+       subset shipped with the package (:data:`BUNDLED_DIR`); anything else, a path or a
+       hub id, is returned as given;
+    2. the ``OPD_DATA_DIR`` environment variable, when set and non-empty (``bundled`` is
+       understood there too);
+    3. the hub dataset id ``openai/gsm8k``.
 
-    Local paths are returned resolved (absolute); nothing is loaded here.
+    Nothing is loaded here, and no other place on disk is looked at: a run reads exactly
+    the data its configuration names.
     """
-    if explicit is not None and str(explicit).strip():
-        return str(explicit).strip()
-    env = os.environ.get(DATA_ENV_VAR, "").strip()
-    if env:
-        return env
-    for base in (Path.cwd(), _REPO_ROOT):
-        candidate = (base / _SIBLING_DATA).resolve()
-        if _looks_like_data_dir(candidate):
-            return str(candidate)
+    for value in (explicit, os.environ.get(DATA_ENV_VAR)):
+        chosen = "" if value is None else str(value).strip()
+        if chosen:
+            return str(BUNDLED_DIR) if chosen == BUNDLED_SOURCE else chosen
     return HUB_DATASET_ID
 
 
@@ -221,7 +214,8 @@ def _load_from_hub(dataset_id: str, split: str) -> list[Any]:
             f"could not load GSM8K {split!r} from the hub dataset {dataset_id!r} "
             f"(config {HUB_DATASET_CONFIG!r}; no local path of that name exists either): "
             f"{type(exc).__name__}: {exc}. Offline? Point --data or {DATA_ENV_VAR} at a "
-            f"local copy (a directory with {split}.jsonl)."
+            f"local copy (a directory with {split}.jsonl), or at {BUNDLED_SOURCE!r} for the "
+            "subset shipped with the package."
         ) from exc
     return list(ds)
 
@@ -255,7 +249,8 @@ def load_gsm8k(split: Split, source: str | None = None, limit: int | None = None
         source: a directory (``{split}.jsonl``, ``{split}.parquet``, ``main/{split}-*.parquet``
             or ``{split}-*.parquet``), a single ``.jsonl``/``.parquet`` file (used as the split
             as is), or a hub dataset id loaded with ``datasets.load_dataset(id, "main",
-            split=split)``. ``None`` means :func:`resolve_data_source` decides.
+            split=split)``, or ``bundled`` (the subset shipped with the package). ``None``
+            means :func:`resolve_data_source` decides.
         limit: keep only the first ``limit`` rows (in file order).
 
     Raises:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from trainer.errors import FatalError
 
 __all__ = [
     "DistContext",
@@ -28,6 +31,7 @@ __all__ = [
     "gather_objects",
     "init_distributed",
     "load_optimizer_state",
+    "on_main",
     "optimizer_state",
     "shard_policy",
     "shutdown",
@@ -116,6 +120,43 @@ def broadcast_object(obj: Any, ctx: DistContext) -> Any:
     box = [obj if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+T = TypeVar("T")
+
+
+class _Abort:
+    """Broadcast by rank 0 instead of a result when it hit an error (other ranks stop too)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def on_main(fn: Callable[[], T], ctx: DistContext, what: str, *, share: bool = False) -> T | None:
+    """Run ``fn`` on rank 0 only; if it raises, every rank raises, so none is left waiting in
+    a collective. Collective.
+
+    Rank 0 re-raises its own error, the others a :class:`FatalError` naming it (``what`` says
+    what rank 0 was doing). ``share=True``: every rank returns rank 0's result (pickled);
+    otherwise the other ranks return None.
+    """
+    result: T | None = None
+    error: BaseException | None = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except BaseException as exc:
+            error = exc
+    if error is not None:
+        status: Any = _Abort(f"{what}: {type(error).__name__}: {error}")
+    else:
+        status = result if share else None
+    status = broadcast_object(status, ctx)
+    if error is not None:
+        raise error
+    if isinstance(status, _Abort):
+        raise FatalError(f"rank 0 failed while {status.message}")
+    return status if share else result
 
 
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any] | None:

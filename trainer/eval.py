@@ -19,9 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from services.launch import running_service
 from services.protocol import RolloutResponse
 from trainer.clients import (
     RetryPolicy,
@@ -64,7 +62,11 @@ Generate = Callable[[Sequence[list[dict[str, str]]], int], list[tuple[str, int]]
 
 @dataclass
 class EvalResult:
-    """Graded greedy answers of a set of problems."""
+    """Graded greedy answers of a set of problems.
+
+    ``format_rate`` counts answers in the requested format (a final ``\\boxed{}``);
+    ``accuracy`` counts correct answers in whatever form they were given.
+    """
 
     accuracy: float
     format_rate: float
@@ -94,6 +96,7 @@ def evaluate(generate: Generate, examples: Sequence[Example], max_tokens: int) -
                 "ground_truth": ex.ground_truth,
                 "extracted": g.extracted,
                 "correct": g.correct,
+                "formatted": g.formatted,
                 "has_answer": g.has_answer,
                 "response_tokens": n_tokens,
                 "response": text,
@@ -102,7 +105,7 @@ def evaluate(generate: Generate, examples: Sequence[Example], max_tokens: int) -
     n = len(records)
     return EvalResult(
         accuracy=sum(r["correct"] for r in records) / n if n else 0.0,
-        format_rate=sum(r["has_answer"] for r in records) / n if n else 0.0,
+        format_rate=sum(r["formatted"] for r in records) / n if n else 0.0,
         n=n,
         mean_response_tokens=sum(r["response_tokens"] for r in records) / n if n else 0.0,
         records=records,
@@ -196,12 +199,6 @@ def measure_reverse_kl(
 # --------------------------------------------------------------------------------- opd eval
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def temporary_rollout_service(
     model: str,
@@ -210,49 +207,24 @@ def temporary_rollout_service(
     extra_args: Sequence[str] = (),
     ready_timeout_s: float = 900.0,
 ) -> Iterator[RolloutClient]:
-    """A rollout service subprocess on ``model`` for the duration of the ``with`` block."""
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "services.student_rollout",
-        "--model",
-        model,
-        "--backend",
-        backend,
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        *extra_args,
-    ]
-    log.info("starting a temporary rollout service: %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd)
-    client = RolloutClient(
-        "rollout", f"http://127.0.0.1:{port}", retry=RetryPolicy(max_attempts=5, deadline_s=60)
-    )
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"the temporary rollout service exited with code {proc.returncode}"
-                )
-            try:
-                client.wait_ready(timeout_s=min(5.0, max(0.1, deadline - time.monotonic())))
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-        yield client
-    finally:
-        client.close()
-        proc.terminate()
+    """A rollout service subprocess on ``model`` for the duration of the ``with`` block.
+
+    Raises:
+        ServiceStartError: it exited or failed to load (the message ends with its log).
+        TimeoutError: it was not ready after ``ready_timeout_s`` seconds.
+    """
+    args = ["--model", model, "--backend", backend, *extra_args]
+    with running_service(
+        "services.student_rollout", args, name="temporary rollout service",
+        ready_timeout_s=ready_timeout_s,
+    ) as service:
+        client = RolloutClient(
+            "rollout", service.base_url, retry=RetryPolicy(max_attempts=5, deadline_s=60)
+        )
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            yield client
+        finally:
+            client.close()
 
 
 def _parse_eval_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -268,7 +240,12 @@ def _parse_eval_args(argv: Sequence[str]) -> argparse.Namespace:
         default=None,
         help="model name to request (URL); default: the first of /v1/models",
     )
-    p.add_argument("--data", default=None, help="GSM8K source (see trainer.data); default: auto")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="GSM8K dir/file, hub id or 'bundled' (see trainer.data); default: "
+        "$OPD_DATA_DIR, then the hub",
+    )
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--limit", type=int, default=None, help="first N problems (default: all)")
     p.add_argument("--max-tokens", type=int, default=1024)

@@ -1,4 +1,4 @@
-"""GSM8K grading: final-answer extraction and numeric equivalence (DESIGN.md section 5).
+"""GSM8K grading: final-answer extraction and equivalence (docs/design.md §5).
 
 The final answer of a response is, in this order of preference:
 
@@ -11,16 +11,24 @@ The final answer of a response is, in this order of preference:
    sentence, when it contains a digit;
 4. ``last_number``: the last number in the text.
 
-Forms 1-3 are the *formatted* answers: :attr:`Grade.has_answer` is true only for them, so
-the trainer's ``format_rate`` measures how often the student answers in a requested form.
-A bare last number still counts for correctness (DESIGN.md section 5), not for format.
+This extraction is the project's own: ``math-verify``'s extractor knows neither ``####``
+nor "the answer is", turns several boxes into a set (``\\boxed{7} ... \\boxed{5}`` gives
+``{5, 7}`` where the last box is the answer) and ignores ``\\fbox``; and the form found is
+needed to tell format from answer (below).
 
-Equivalence is numeric: ``$``, ``\\$``, ``%``, units and words around the number, thousands
-separators, ``\\frac``/``\\dfrac``/``a/b``, ``\\text{}``, ``\\left``/``\\right``, ``x = ...``
-and trailing periods are normalised away and the two floats compared with a relative
-tolerance of 1e-6. Where plain parsing fails (an expression such as ``3 \\times 4``),
-``math-verify`` decides, guarded: short inputs only, every exception swallowed, and its
-signal-based timeouts used only where they are safe (see :func:`_math_verify_equal`).
+Two verdicts are kept apart. :attr:`Grade.formatted` is the *format*: the final answer is a
+``\\boxed{}``, as the prompt asks; it is what ``format_rate`` counts. :attr:`Grade.has_answer`
+says an answer was *stated* (forms 1-3); a bare last number is neither, yet every form counts
+for correctness.
+
+Equivalence: ``math-verify`` decides first, on the extracted answer stripped of presentation
+(``$``, ``%``, ``\\text{}`` units, thousands separators, ``x = ...``), guarded: short inputs
+only, every exception swallowed, its signal-based timeouts used only where they are safe
+(see :func:`_math_verify_equal`). It evaluates expressions (``3 \\times 6``, ``2^3``,
+``\\sqrt{324}``, ``\\frac{36}{2}``) and compares sets and equations. Where it does not
+say "equal" (it reads words as variables: ``72 clips`` is ``72*c*i*l*p*s``; it cannot
+parse ``\\text{18}``), the hand-written normaliser decides: one plain number with units or
+words around it, compared as floats with a relative tolerance of 1e-6.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
-    "FORMATTED_FORMS",
+    "STATED_FORMS",
     "AnswerForm",
     "Grade",
     "extract_answer",
@@ -45,7 +53,8 @@ __all__ = [
 ]
 
 AnswerForm = Literal["boxed", "hashes", "answer_is", "last_number"]
-FORMATTED_FORMS: frozenset[str] = frozenset({"boxed", "hashes", "answer_is"})
+#: The forms in which an answer counts as stated (:attr:`Grade.has_answer`).
+STATED_FORMS: frozenset[str] = frozenset({"boxed", "hashes", "answer_is"})
 
 REL_TOL = 1e-6
 ABS_TOL = 1e-9
@@ -99,15 +108,24 @@ _MV_DANGEROUS_RE = re.compile(r"\d{31,}|\^\s*\{?\s*\d{4,}|!|\^[^^]*\^")
 class Grade:
     """The grade of one response.
 
-    ``correct``: its final answer equals the ground truth numerically.
-    ``has_answer``: the answer was given in a requested form (boxed, ``####`` or "the
-    answer is"), i.e. what the trainer's ``format_rate`` counts; a bare last number is not.
+    ``correct``: its final answer equals the ground truth.
+    ``has_answer``: an answer was stated (boxed, ``####`` or "the answer is"); a bare last
+    number is not.
     ``extracted``: the raw final-answer text that was compared (``None``: nothing found).
+    ``form``: where it was found (``None``: nowhere).
+    ``formatted``: the format the prompt asks for, a final ``\\boxed{}``; what the trainer's
+    ``format_rate`` counts.
     """
 
     correct: bool
     has_answer: bool
     extracted: str | None
+    form: AnswerForm | None = None
+
+    @property
+    def formatted(self) -> bool:
+        """Whether the final answer is a ``\\boxed{}`` (the requested format)."""
+        return self.form == "boxed"
 
 
 def _boxed_contents(text: str) -> list[str]:
@@ -316,21 +334,30 @@ def _plain(s: str) -> str:
     return re.sub(r"\s+", "", _latex_cleanup(s)).lower()
 
 
+def _numerically_equal(pred: str, truth: str) -> bool:
+    p, t = normalize_number(pred), normalize_number(truth)
+    if p is None or t is None:
+        return False
+    return math.isclose(p, t, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+
+
 def is_equivalent(pred: str | None, truth: str) -> bool:
     """Whether a predicted final answer equals the ground truth.
 
-    Both sides are normalised with :func:`normalize_number` and compared as floats (relative
-    tolerance 1e-6); when either is not a plain number, ``math-verify`` decides, and failing
-    that an exact match of the whitespace-free, lower-cased, cleaned strings.
+    ``math-verify`` decides first (guarded, see :func:`_math_verify_equal`). What it does
+    not call equal is given to the hand-written rules: both sides normalised with
+    :func:`normalize_number` and compared as floats (relative tolerance 1e-6), else an exact
+    match of the whitespace-free, lower-cased, cleaned strings. The hand-written rules only
+    ever accept one plain number (or the identical string), so they add the answers
+    ``math-verify`` misreads (words and units around a number) and nothing looser.
     """
     if pred is None or not pred.strip():
         return False
-    p, t = normalize_number(pred), normalize_number(truth)
-    if p is not None and t is not None:
-        return math.isclose(p, t, rel_tol=REL_TOL, abs_tol=ABS_TOL)
-    if _plain(pred) == _plain(truth) and _plain(truth):
+    if _math_verify_equal(pred, truth):
         return True
-    return _math_verify_equal(pred, truth)
+    if _numerically_equal(pred, truth):
+        return True
+    return bool(_plain(truth)) and _plain(pred) == _plain(truth)
 
 
 def grade(response: str, ground_truth: str) -> Grade:
@@ -338,6 +365,7 @@ def grade(response: str, ground_truth: str) -> Grade:
     extracted, form = extract_answer_with_form(response)
     return Grade(
         correct=is_equivalent(extracted, ground_truth),
-        has_answer=form in FORMATTED_FORMS,
+        has_answer=form in STATED_FORMS,
         extracted=extracted,
+        form=form,
     )

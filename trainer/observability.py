@@ -1,6 +1,6 @@
 """Where the trainer's numbers go: JSONL, TensorBoard, Prometheus, and a progress bar.
 
-Every step's scalars (DESIGN.md section 6, names exactly as there) are appended as one JSON
+Every step's scalars (docs/design.md §6, names exactly as there) are appended as one JSON
 object per line to ``RUN_DIR/metrics.jsonl`` (``{"step": N, "time": ..., "<name>": value}``),
 written to TensorBoard when it is installed, and exported as Prometheus gauges on the
 trainer's port: ``/`` becomes ``_`` and the name gets an ``opd_`` prefix
@@ -22,7 +22,7 @@ from typing import Any
 from trainer.config import LoggingConfig
 
 __all__ = [
-    "DESIGN_SCALARS",
+    "STEP_SCALARS",
     "EVAL_SCALARS",
     "Observability",
     "prometheus_name",
@@ -32,8 +32,8 @@ __all__ = [
 
 log = logging.getLogger("opd.trainer")
 
-#: DESIGN.md section 6, logged every step (``eval/*`` only on evaluation steps).
-DESIGN_SCALARS: tuple[str, ...] = (
+#: docs/design.md §6, logged every step (``eval/*`` only on evaluation steps).
+STEP_SCALARS: tuple[str, ...] = (
     "rollout/accuracy/mean",
     "rollout/kl_divergence/mean",
     "rollout/jsd/mean",

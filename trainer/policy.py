@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from services.engine.dtypes import torch_dtype
 from trainer.algorithms import LossConfig, LossSums
 from trainer.config import StudentConfig
 from trainer.kernels import opd_loss
@@ -49,14 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("opd.trainer.policy")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16`` (also accepts ``"torch.bfloat16"``)."""
-    return _DTYPES[str(name).removeprefix("torch.")]
-
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""

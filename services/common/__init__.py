@@ -8,6 +8,8 @@
 - `errors`: `APIError(status, message, type, param, code, headers)` -> OpenAI error body.
 - `limits`: body size, concurrency gate + timeout, `check_*` input checks with named fields.
 - `auth`: optional bearer key; `/health`, `/ready`, `/metrics` stay open.
+- `openapi`: `error_responses(*statuses)` for route decorators and `install_openapi`, which
+  adds the middleware's statuses to every route and drops FastAPI's unused 422.
 - `metrics`: the Prometheus metrics of docs/metrics.md (`ServiceMetrics`) and `/metrics`.
 - `openai_routes`: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (`openai_router()`).
 

@@ -27,17 +27,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from services.common.auth import BearerAuthMiddleware
+from services.common.auth import OPEN_PATHS, BearerAuthMiddleware
 from services.common.errors import APIError, CatchAllMiddleware, install_error_handlers
 from services.common.limits import (
+    WORK_METHODS,
     BodySizeLimitMiddleware,
     ConcurrencyGate,
     ConcurrencyGateMiddleware,
 )
 from services.common.metrics import MetricsMiddleware, ServiceMetrics, metrics_router
+from services.common.openapi import error_responses, install_openapi
 from services.common.settings import ServiceSettings
 from services.engine.base import Engine, EngineInfo
-from services.protocol import InfoResponse
+from services.protocol import HealthResponse, InfoResponse, NotReadyResponse, ReadyResponse
 
 logger = logging.getLogger("opd.services")
 
@@ -46,10 +48,11 @@ ReadyHook = Callable[["ServiceState"], Awaitable[None] | None]
 
 
 def _version() -> str:
+    # The installed distribution's version: services must not import the `opd` CLI package.
     try:
-        from opd import __version__
+        from importlib.metadata import version
 
-        return str(__version__)
+        return version("opd")
     except Exception:  # noqa: BLE001 - a version string must never break /info
         return "unknown"
 
@@ -143,12 +146,16 @@ EngineDep = Annotated[Engine, Depends(require_engine)]
 def _probe_router(state: ServiceState) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health", tags=["probes"])
-    async def health() -> dict[str, Any]:
+    @router.get("/health", tags=["probes"], response_model=HealthResponse)
+    async def health() -> HealthResponse:
         """Process is up (200 even while the model loads)."""
-        return {"status": "ok", "engine": state.status, "service": state.service}
+        return HealthResponse(status="ok", engine=state.status, service=state.service)
 
-    @router.get("/ready", tags=["probes"], responses={503: {"description": "not ready"}})
+    @router.get("/ready", tags=["probes"], response_model=ReadyResponse,
+                responses=error_responses(503, descriptions={
+                    503: "not ready: the model is loading (with `Retry-After`), failed to "
+                         "load, or the engine is broken; `status` says which"},
+                    models={503: NotReadyResponse}))
     async def ready() -> Any:
         """200 once the model is loaded; 503 with the reason before (or if loading failed)."""
         headers: dict[str, str] = {}
@@ -171,7 +178,8 @@ def _probe_router(state: ServiceState) -> APIRouter:
             status_code=503, headers=headers,
         )
 
-    @router.get("/info", response_model=InfoResponse, tags=["probes"])
+    @router.get("/info", response_model=InfoResponse, tags=["probes"],
+                responses=error_responses(503))
     async def info() -> InfoResponse:
         """Model, backend, limits and tokenizer fingerprint (503 until loaded)."""
         return state.info()
@@ -256,6 +264,8 @@ def create_app(
     )
     app.state.opd = state
     install_error_handlers(app)
+    install_openapi(app, auth=settings.api_key_value() is not None, open_paths=OPEN_PATHS,
+                    work_methods=WORK_METHODS)
 
     app.include_router(_probe_router(state))
     app.include_router(metrics_router())

@@ -165,8 +165,11 @@ def metrics_router() -> APIRouter:
     """`GET /metrics`: Prometheus text of the default registry (`vllm:*` included)."""
     router = APIRouter()
 
-    @router.get("/metrics", include_in_schema=False)
+    @router.get("/metrics", tags=["probes"], response_class=Response, responses={
+        200: {"description": "Prometheus text exposition format",
+              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
+        """Prometheus metrics (open even when an API key is set)."""
         return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -41,6 +41,7 @@ from services.common.limits import (
     check_not_empty,
     check_token_ids,
 )
+from services.common.openapi import error_responses
 from services.engine import tokenization
 from services.engine.base import Engine, GeneratedSample, SamplingSpec, ScoreInput, ScoreResult
 from services.openai_protocol import (
@@ -471,11 +472,19 @@ def _streaming(gen: AsyncIterator[str]) -> StreamingResponse:
 # --------------------------------------------------------------------------- router
 
 
+# `stream: true` answers 200 with server-sent events instead of the JSON body.
+_STREAM_200: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the completion (JSON), or with `stream: true` server-sent events: "
+                         "`data: <chunk JSON>` lines ending with `data: [DONE]`",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+}
+
+
 def openai_router() -> APIRouter:
     """The OpenAI-compatible routes (mount with `create_app(..., routers=[...])`)."""
     router = APIRouter(tags=["openai"])
 
-    @router.get("/v1/models", response_model=ModelList)
+    @router.get("/v1/models", response_model=ModelList, responses=error_responses(503))
     async def list_models(state: StateDep) -> ModelList:
         """The one served model."""
         state.require_engine()
@@ -485,7 +494,8 @@ def openai_router() -> APIRouter:
                                          created=int(state.ready_at or time.time()),
                                          max_model_len=info.max_model_len)])
 
-    @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    @router.get("/v1/models/{model_id:path}", response_model=ModelCard,
+                responses=error_responses(404, 503))
     async def get_model(model_id: str, state: StateDep) -> ModelCard:
         """One model card (404 for any other name)."""
         state.require_engine()
@@ -498,7 +508,8 @@ def openai_router() -> APIRouter:
                          created=int(state.ready_at or time.time()),
                          max_model_len=info.max_model_len)
 
-    @router.post("/v1/completions", response_model=CompletionResponse)
+    @router.post("/v1/completions", response_model=CompletionResponse,
+                 responses=error_responses(400, 404, 503, extra=_STREAM_200))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """OpenAI completions; `echo + max_tokens: 0 + logprobs: k` scores the prompt."""
         state = get_state(request)
@@ -509,7 +520,8 @@ def openai_router() -> APIRouter:
             return _streaming(_stream_completion(resp, include))
         return _model_dump_response(resp)
 
-    @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+                 responses=error_responses(400, 404, 503, extra=_STREAM_200))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI chat completions with `logprobs` / `top_logprobs`."""
         state = get_state(request)

@@ -12,6 +12,7 @@ from .base import (
     Engine,
     EngineConfig,
     EngineInfo,
+    EngineRequestError,
     GeneratedSample,
     SamplingSpec,
     ScoreInput,
@@ -21,13 +22,14 @@ from .base import (
 from .fingerprint import fingerprint_components, fingerprint_mismatch, tokenizer_fingerprint
 
 if TYPE_CHECKING:
-    from .hf_backend import HFEngine
-    from .vllm_backend import VLLMEngine
+    from .hf import HFEngine
+    from .vllm import VLLMEngine
 
 __all__ = [
     "Engine",
     "EngineConfig",
     "EngineInfo",
+    "EngineRequestError",
     "GeneratedSample",
     "HFEngine",
     "SamplingSpec",
@@ -45,11 +47,11 @@ __all__ = [
 def make_engine(config: EngineConfig) -> Engine:
     """The engine for `config.backend` (not started: call `await engine.start()`)."""
     if config.backend == "hf":
-        from .hf_backend import HFEngine
+        from .hf import HFEngine
 
         return HFEngine(config)
     if config.backend == "vllm":
-        from .vllm_backend import VLLMEngine
+        from .vllm import VLLMEngine
 
         return VLLMEngine(config)
     raise ValueError(f"unknown engine backend {config.backend!r} (expected 'hf' or 'vllm')")
@@ -58,11 +60,11 @@ def make_engine(config: EngineConfig) -> Engine:
 def __getattr__(name: str) -> Any:
     # Lazy backend classes: `from services.engine import HFEngine` imports torch only then.
     if name == "HFEngine":
-        from .hf_backend import HFEngine
+        from .hf import HFEngine
 
         return HFEngine
     if name == "VLLMEngine":
-        from .vllm_backend import VLLMEngine
+        from .vllm import VLLMEngine
 
         return VLLMEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,88 +1,54 @@
-"""Safetensors checkpoint validation, shared by the rollout service and the trainer.
+"""Safetensors checkpoint validation: the one place that decides whether a checkpoint fits.
 
-A weight update must be refused *before* any byte of it reaches the model, so this module
-checks a checkpoint directory from the safetensors headers alone: it never loads tensor data.
-The header is parsed here (8-byte little-endian length, then a JSON object) rather than by the
-`safetensors` library, because we want a precise message for each way a file can be wrong
-(not safetensors at all, truncated header, truncated data, inconsistent offsets) and we want it
-without mapping gigabytes of data.
+A weight update must be refused *before* any byte of it reaches the model, so a checkpoint
+directory is checked from the safetensors headers alone, without loading tensor data. The
+headers are read with `safetensors.safe_open` (which maps the file and checks the header, the
+dtypes and that the tensors tile the data exactly), i.e. by the same code the loaders use, so
+a file that passes here loads there. When it refuses a file, the message says which of the
+common cases it is: not safetensors at all, truncated, or trailing bytes.
 
-A spec is `{tensor name: (shape, dtype)}`; dtypes are compared in one canonical spelling
-(safetensors' `F32`, `BF16`, ...), and torch-style names (`float32`, `torch.bfloat16`) are
-accepted wherever a dtype is given.
+A spec is `{tensor name: (shape, dtype)}`; dtypes are compared in safetensors' spelling
+(`F32`, `BF16`); torch-style names (`float32`, `torch.bfloat16`) are accepted wherever a dtype
+is given (`services.engine.dtypes`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import struct
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from safetensors import SafetensorError, safe_open
 
 from services.engine.base import WeightsError
+from services.engine.dtypes import canonical_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 # A header is a few hundred bytes per tensor; anything this large is garbage, not a header.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-# safetensors dtype code -> bytes per element.
-DTYPE_SIZES: dict[str, float] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3": 1,
-    "F8_E8M0": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-    "C64": 8,
-    "F4": 0.5,
-}
-
-_TORCH_NAMES = {
-    "bool": "BOOL",
-    "uint8": "U8",
-    "int8": "I8",
-    "float8_e5m2": "F8_E5M2",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e8m0fnu": "F8_E8M0",
-    "int16": "I16",
-    "uint16": "U16",
-    "float16": "F16",
-    "half": "F16",
-    "bfloat16": "BF16",
-    "int32": "I32",
-    "uint32": "U32",
-    "float32": "F32",
-    "float": "F32",
-    "int64": "I64",
-    "uint64": "U64",
-    "float64": "F64",
-    "double": "F64",
-    "complex64": "C64",
-}
-
 Shape = tuple[int, ...]
 Spec = Mapping[str, tuple[Shape, str]]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header declares it."""
+
+    shape: Shape
+    dtype: str  # safetensors code: F32, BF16, ...
+    file: Path
 
 
 class CheckpointSpec(dict[str, tuple[Shape, str]]):
     """`{name: (shape, dtype)}` of the tensors a checkpoint must contain, plus `optional`.
 
-    `optional` holds tensors a checkpoint *may* carry but need not; today that is the output
-    projection of a model with tied embeddings (transformers drops it on save, a raw
-    `state_dict()` dump keeps it). It is an attribute so the object can still be passed
-    wherever a plain spec dict is expected.
+    `optional` holds tensors a checkpoint *may* carry but need not: the output projection of a
+    model with tied embeddings (transformers drops it on save, a raw `state_dict()` dump keeps
+    it). It is an attribute so the object can still be passed wherever a plain spec dict is
+    expected.
     """
 
     def __init__(
@@ -94,108 +60,61 @@ class CheckpointSpec(dict[str, tuple[Shape, str]]):
         self.optional: dict[str, tuple[Shape, str]] = dict(optional or {})
 
 
-def canonical_dtype(dtype: Any) -> str:
-    """`torch.float32`, `'float32'`, `'F32'` -> `'F32'` (safetensors' spelling)."""
-    name = str(dtype)
-    if name.startswith("torch."):
-        name = name[len("torch.") :]
-    if name.upper() in DTYPE_SIZES:
-        return name.upper()
-    if name.lower() in _TORCH_NAMES:
-        return _TORCH_NAMES[name.lower()]
-    raise ValueError(f"unknown dtype {dtype!r}")
+def _diagnose(path: Path, library_error: str) -> str:
+    """Why `safe_open` refused a file, in words a client can act on."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return (f"not a safetensors file ({size} bytes, shorter than the 8-byte header "
+                    "length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len == 0 or header_len > MAX_HEADER_BYTES:
+            return f"not a safetensors file (header length {header_len} is not plausible)"
+        if 8 + header_len > size:
+            return (f"truncated: header says {header_len} bytes but the file has only "
+                    f"{size - 8} after the length prefix")
+        raw = f.read(header_len)
+    if "not fully covered" in library_error:
+        # The tensors do not tile the data region exactly: tell a short file from a long one.
+        data = size - 8 - header_len
+        try:
+            header = json.loads(raw)
+            end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            end = None
+        if isinstance(end, int) and end > data:
+            return (f"truncated: the tensors need {end} data bytes but the file holds only "
+                    f"{data}")
+        if isinstance(end, int):
+            return f"{data - end} bytes after the last tensor (corrupt file)"
+    reason = library_error.removeprefix("Error while deserializing header: ")
+    return f"not a safetensors file (bad header: {reason})"
 
 
-def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Parse and check one safetensors file's header without reading its tensor data.
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """The tensors one safetensors file declares, without reading their data.
 
-    Returns `{name: {"dtype", "shape", "data_offsets"}}` (the `__metadata__` entry dropped).
-    Raises `WeightsError` when the file is not safetensors, is truncated (header or data), or
-    its offsets are inconsistent with the shapes and dtypes it declares.
+    Raises `WeightsError` when the file is unreadable, not safetensors, truncated (header or
+    data), or its offsets do not match the shapes and dtypes it declares.
     """
     path = Path(path)
     try:
-        file_size = path.stat().st_size
-        with path.open("rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise WeightsError(
-                    f"{path.name}: not a safetensors file ({file_size} bytes, shorter than the "
-                    "8-byte header length)"
-                )
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len == 0 or header_len > MAX_HEADER_BYTES:
-                raise WeightsError(
-                    f"{path.name}: not a safetensors file (header length {header_len} is not "
-                    "plausible)"
-                )
-            if 8 + header_len > file_size:
-                raise WeightsError(
-                    f"{path.name}: truncated: header says {header_len} bytes but the file "
-                    f"has only {file_size - 8} after the length prefix"
-                )
-            raw = f.read(header_len)
+        with safe_open(str(path), framework="numpy") as f:
+            tensors = {}
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                view = f.get_slice(name)
+                tensors[name] = TensorInfo(tuple(view.get_shape()), view.get_dtype(), path)
+            return tensors
+    except SafetensorError as exc:
+        try:
+            reason = _diagnose(path, str(exc))
+        except OSError as os_exc:
+            reason = f"cannot read: {os_exc.strerror or os_exc}"
+        raise WeightsError(f"{path.name}: {reason}") from exc
     except OSError as exc:
         raise WeightsError(f"{path.name}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path.name}: not a safetensors file (header is not JSON)") from exc
-    if not isinstance(header, dict):
-        raise WeightsError(f"{path.name}: not a safetensors file (header is not a JSON object)")
-
-    data_size = file_size - 8 - header_len
-    tensors: dict[str, dict[str, Any]] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not (
-            isinstance(entry, dict)
-            and isinstance(entry.get("dtype"), str)
-            and isinstance(entry.get("shape"), list)
-            and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
-            and isinstance(entry.get("data_offsets"), list)
-            and len(entry["data_offsets"]) == 2
-            and all(isinstance(o, int) for o in entry["data_offsets"])
-        ):
-            raise WeightsError(f"{path.name}: malformed header entry for tensor {name!r}")
-        dtype = entry["dtype"]
-        if dtype not in DTYPE_SIZES:
-            raise WeightsError(f"{path.name}: tensor {name!r} has unknown dtype {dtype!r}")
-        begin, end = entry["data_offsets"]
-        nbytes = math.prod(entry["shape"]) * DTYPE_SIZES[dtype]
-        if not 0 <= begin <= end or end - begin != nbytes:
-            raise WeightsError(
-                f"{path.name}: tensor {name!r} declares offsets [{begin}, {end}) but "
-                f"{dtype}{entry['shape']} needs {nbytes:g} bytes"
-            )
-        if end > data_size:
-            raise WeightsError(
-                f"{path.name}: truncated: tensor {name!r} ends at byte {end} of the data but "
-                f"the file holds only {data_size} data bytes"
-            )
-        tensors[name] = {
-            "dtype": dtype,
-            "shape": list(entry["shape"]),
-            "data_offsets": [begin, end],
-        }
-        spans.append((begin, end, name))
-    # The safetensors loader itself insists that tensors tile the data region exactly (no
-    # gaps, no overlap, nothing after); check the same here so a file that passes validation
-    # cannot fail later inside the engine.
-    spans.sort()
-    position = 0
-    for begin, end, name in spans:
-        if begin != position:
-            what = "overlaps the previous tensor" if begin < position else "leaves a gap before it"
-            raise WeightsError(f"{path.name}: tensor {name!r} at offset {begin} {what}")
-        position = end
-    if position != data_size:
-        raise WeightsError(
-            f"{path.name}: {data_size - position} bytes after the last tensor (corrupt file)"
-        )
-    return tensors
 
 
 def _checkpoint_files(directory: Path) -> list[Path]:
@@ -219,8 +138,8 @@ def _checkpoint_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.safetensors") if p.is_file())
 
 
-def read_checkpoint_headers(directory: str | Path) -> tuple[list[Path], dict[str, dict[str, Any]]]:
-    """All tensors of a checkpoint directory: `(files, {name: header entry + "file"})`.
+def read_checkpoint_headers(directory: str | Path) -> tuple[list[Path], dict[str, TensorInfo]]:
+    """All tensors of a checkpoint directory: `(files, {name: TensorInfo})`.
 
     Raises `WeightsError` for a missing directory, no safetensors files, a bad file, or a
     tensor stored in two files.
@@ -231,14 +150,14 @@ def read_checkpoint_headers(directory: str | Path) -> tuple[list[Path], dict[str
     files = _checkpoint_files(directory)
     if not files:
         raise WeightsError(f"no .safetensors files in {str(directory)!r}")
-    tensors: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, TensorInfo] = {}
     for file in files:
-        for name, entry in read_safetensors_header(file).items():
+        for name, info in read_safetensors_header(file).items():
             if name in tensors:
                 raise WeightsError(
-                    f"tensor {name!r} appears in both {tensors[name]['file'].name} and {file.name}"
+                    f"tensor {name!r} appears in both {tensors[name].file.name} and {file.name}"
                 )
-            tensors[name] = {**entry, "file": file}
+            tensors[name] = info
     return files, tensors
 
 
@@ -261,27 +180,24 @@ def validate_checkpoint_dir(
     no files, a bad file, missing names, unknown names, wrong shapes, wrong dtypes.
     """
     files, tensors = read_checkpoint_headers(directory)
-    allowed_optional: dict[str, tuple[Shape, str]] = dict(getattr(expected, "optional", {}) or {})
-    allowed_optional.update(optional or {})
+    allowed: dict[str, tuple[Shape, str]] = dict(getattr(expected, "optional", {}) or {})
+    allowed.update(optional or {})
+    allowed.update(expected)
 
     missing = set(expected) - set(tensors)
     if missing:
         raise WeightsError(f"checkpoint is missing {len(missing)} tensor(s): {_listing(missing)}")
-    unknown = set(tensors) - set(expected) - set(allowed_optional)
+    unknown = set(tensors) - set(allowed)
     if unknown:
         raise WeightsError(f"checkpoint has {len(unknown)} unknown tensor(s): {_listing(unknown)}")
-    for name, entry in sorted(tensors.items()):
-        want_shape, _ = expected[name] if name in expected else allowed_optional[name]
-        if tuple(entry["shape"]) != tuple(want_shape):
-            raise WeightsError(
-                f"tensor {name!r} has shape {tuple(entry['shape'])}, expected {tuple(want_shape)}"
-            )
-    for name, entry in sorted(tensors.items()):
-        _, want_dtype = expected[name] if name in expected else allowed_optional[name]
-        if entry["dtype"] != canonical_dtype(want_dtype):
-            raise WeightsError(
-                f"tensor {name!r} has dtype {entry['dtype']}, expected {canonical_dtype(want_dtype)}"
-            )
+    for name, info in sorted(tensors.items()):
+        want_shape = tuple(allowed[name][0])
+        if info.shape != want_shape:
+            raise WeightsError(f"tensor {name!r} has shape {info.shape}, expected {want_shape}")
+    for name, info in sorted(tensors.items()):
+        want_dtype = canonical_dtype(allowed[name][1])
+        if info.dtype != want_dtype:
+            raise WeightsError(f"tensor {name!r} has dtype {info.dtype}, expected {want_dtype}")
     return files
 
 
@@ -309,16 +225,14 @@ def expected_spec_from_checkpoint(model_dir: str | Path) -> CheckpointSpec:
     """
     model_dir = Path(model_dir)
     _, tensors = read_checkpoint_headers(model_dir)
-    required = {name: (tuple(entry["shape"]), entry["dtype"]) for name, entry in tensors.items()}
+    required = {name: (info.shape, info.dtype) for name, info in tensors.items()}
     optional: dict[str, tuple[Shape, str]] = {}
     if _tied_embeddings(model_dir):
         for name, (shape, dtype) in required.items():
-            if name.endswith("embed_tokens.weight"):
-                # `model.embed_tokens.weight` -> `lm_head.weight`; a prefixed wrapper
-                # (`model.language_model.embed_tokens.weight`) keeps lm_head at the top level.
-                head = "lm_head.weight"
-                if head not in required:
-                    optional[head] = (shape, dtype)
+            # `model.embed_tokens.weight` -> `lm_head.weight`; a prefixed wrapper
+            # (`model.language_model.embed_tokens.weight`) keeps lm_head at the top level.
+            if name.endswith("embed_tokens.weight") and "lm_head.weight" not in required:
+                optional["lm_head.weight"] = (shape, dtype)
         # Some exports keep only lm_head; then the embedding may come back too.
         if "lm_head.weight" in required and not any(
             n.endswith("embed_tokens.weight") for n in required
@@ -343,3 +257,30 @@ def resolve_model_dir(model: str) -> Path | None:
         )
     except Exception:  # noqa: BLE001 - any failure means "no local copy"; the caller reports
         return None
+
+
+@dataclass(frozen=True)
+class ReferenceCheckpoint:
+    """The initial checkpoint every weight update is checked against.
+
+    `spec` is None (and `error` says why) when weight updates are impossible: no local copy of
+    the model, or an initial checkpoint that is not safetensors.
+    """
+
+    spec: CheckpointSpec | None
+    model_dir: Path | None
+    error: str | None = None
+
+
+def reference_checkpoint(model: str) -> ReferenceCheckpoint:
+    """Read the initial checkpoint's layout for `model` (a local path or a cached hub id)."""
+    model_dir = resolve_model_dir(model)
+    if model_dir is None:
+        return ReferenceCheckpoint(
+            None, None,
+            f"no local copy of {model!r} to read tensor names, shapes and dtypes from",
+        )
+    try:
+        return ReferenceCheckpoint(expected_spec_from_checkpoint(model_dir), model_dir)
+    except WeightsError as exc:
+        return ReferenceCheckpoint(None, model_dir, f"initial checkpoint {str(model_dir)!r}: {exc}")

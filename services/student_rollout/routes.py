@@ -1,4 +1,4 @@
-"""`POST /v1/rollouts`: `n` trajectories per prompt with sampled-token logprobs (DESIGN.md §3).
+"""`POST /v1/rollouts`: `n` trajectories per prompt with sampled-token logprobs (docs/design.md §3).
 
 Prompts come in three forms, tokenized exactly as the teacher and the OpenAI routes do it
 (`services.engine.tokenization`): `messages` (chat template with the generation prompt, no
@@ -27,6 +27,7 @@ from services.common.app import ServiceState, get_state
 from services.common.errors import APIError
 from services.common.limits import check_length, check_limit, check_not_empty, check_token_ids
 from services.common.openai_routes import check_model, generate, parse_stops
+from services.common.openapi import error_responses
 from services.engine import tokenization
 from services.engine.base import Engine, SamplingSpec
 from services.protocol import (
@@ -193,7 +194,8 @@ def rollout_router() -> APIRouter:
     """The `/v1/rollouts` route (the app puts a `PolicyVersions` on `app.state.versions`)."""
     router = APIRouter(tags=["rollout"])
 
-    @router.post("/v1/rollouts", response_model=RolloutResponse)
+    @router.post("/v1/rollouts", response_model=RolloutResponse,
+                 responses=error_responses(400, 404, 503))
     async def rollouts(body: RolloutRequest, request: Request) -> Response:
         """`n` samples per prompt with each sampled token's logprob and the policy version."""
         state = get_state(request)

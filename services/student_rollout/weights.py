@@ -1,4 +1,4 @@
-"""Weight updates of the rollout service: load by path, upload, status (DESIGN.md §3).
+"""Weight updates of the rollout service: load by path, upload, status (docs/design.md §3).
 
 - `POST /v1/weights/load {"path", "version"}`: a safetensors checkpoint directory that must
   resolve *inside* the configured `weights_dir` (`..` refused outright; symlinks resolved, so
@@ -13,28 +13,37 @@ Every update is checked against the *initial* checkpoint's tensor names, shapes 
 of `PolicyVersions`. Anything wrong is a 4xx and the old weights keep serving under the old
 version: 400 for a bad checkpoint or request, 403 for a path outside `weights_dir` (or no
 `weights_dir` configured), 409 for a version that is not newer, 413 for a body over the limit.
+
+The manager keeps the serving weights on disk in a directory of its own (the staged upload
+itself, or hard links to a loaded checkpoint's files, copies across filesystems) until a newer
+update succeeds: an engine that fails part-way through an update restores from the directory
+it last loaded (the vllm backend reloads it), so that directory must outlive whatever the
+trainer deletes afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from starlette.requests import ClientDisconnect
 
 from services.common.app import ServiceState, get_state
 from services.common.errors import APIError
+from services.common.openapi import error_responses
 from services.engine.base import Engine, WeightsError
 from services.engine.checkpoint import (
+    INDEX_FILE,
     CheckpointSpec,
-    expected_spec_from_checkpoint,
-    resolve_model_dir,
+    reference_checkpoint,
     validate_checkpoint_dir,
 )
 from services.protocol import WeightsLoadRequest, WeightsStatus
@@ -66,6 +75,8 @@ class WeightsManager:
         self.spec: CheckpointSpec | None = None
         self.spec_error: str | None = None
         self.staging_root: Path | None = None
+        # The manager's copy of the weights serving now (None: the initial checkpoint).
+        self.serving_dir: Path | None = None
         # Called with the new version after each successful swap (the app sets the gauge).
         self.on_version: Callable[[int], None] | None = None
 
@@ -73,17 +84,8 @@ class WeightsManager:
 
     def start(self) -> None:
         """Read the reference spec from the initial checkpoint; make the private staging dir."""
-        model_dir = resolve_model_dir(self.settings.model)
-        if model_dir is None:
-            self.spec_error = (
-                f"no local copy of {self.settings.model!r} to read tensor names, shapes and "
-                "dtypes from"
-            )
-        else:
-            try:
-                self.spec = expected_spec_from_checkpoint(model_dir)
-            except WeightsError as exc:
-                self.spec_error = f"initial checkpoint {str(model_dir)!r}: {exc}"
+        reference = reference_checkpoint(self.settings.model)
+        self.spec, self.spec_error = reference.spec, reference.error
         if self.spec_error:
             logger.warning("weight updates disabled: %s", self.spec_error)
         if self.settings.staging_dir is not None:
@@ -99,6 +101,7 @@ class WeightsManager:
         if self.staging_root is not None:
             shutil.rmtree(self.staging_root, ignore_errors=True)
             self.staging_root = None
+            self.serving_dir = None
 
     # ----------------------------------------------------------------- status
 
@@ -205,6 +208,27 @@ class WeightsManager:
 
     # ----------------------------------------------------------------- swap
 
+    def _pin(self, directory: Path, files: list[Path]) -> Path:
+        """A directory of the manager's own holding a checkpoint's `files` (and its index).
+
+        Hard links where the staging area shares a filesystem with `directory` (instant, no
+        extra disk), copies otherwise; either way the weights stay on disk whatever happens to
+        `directory` later.
+        """
+        assert self.staging_root is not None
+        pinned = Path(tempfile.mkdtemp(prefix="serving-", dir=self.staging_root))
+        index = directory / INDEX_FILE
+        try:
+            for file in [*files, *([index] if index.is_file() else [])]:
+                try:
+                    os.link(file, pinned / file.name)
+                except OSError:  # another filesystem, or links not supported
+                    shutil.copy2(file, pinned / file.name)
+        except BaseException:
+            shutil.rmtree(pinned, ignore_errors=True)
+            raise
+        return pinned
+
     async def _swap(
         self,
         engine: Engine,
@@ -212,18 +236,29 @@ class WeightsManager:
         version: int,
         source: str,
         started: float,
-        cleanup: bool,
+        files: list[Path] | None,
     ) -> None:
+        owned: Path | None = None if files is not None else directory
+        previous: Path | None = None
         try:
+            if files is not None:
+                owned = await asyncio.to_thread(self._pin, directory, files)
+            assert owned is not None
             async with self.versions.updating(version, source, started):
-                await engine.load_weights(str(directory))
-            # Here, not in `apply`: the swap may outlive a cancelled request.
-            if self.on_version is not None:
-                self.on_version(self.versions.version)
-            logger.info("policy_version %d now serving (%s)", version, source)
-        finally:
-            if cleanup:
-                shutil.rmtree(directory, ignore_errors=True)
+                await engine.load_weights(str(owned))
+                # Inside the exclusive hold, so two updates can never both claim the slot.
+                previous, self.serving_dir = self.serving_dir, owned
+        except BaseException:
+            # The old weights still serve, from `self.serving_dir`, which stays.
+            if owned is not None:
+                shutil.rmtree(owned, ignore_errors=True)
+            raise
+        # Here, not in `apply`: the swap may outlive a cancelled request.
+        if self.on_version is not None:
+            self.on_version(self.versions.version)
+        logger.info("policy_version %d now serving (%s)", version, source)
+        if previous is not None:
+            await asyncio.to_thread(shutil.rmtree, previous, True)
 
     async def apply(
         self,
@@ -233,16 +268,19 @@ class WeightsManager:
         version: int,
         source: str,
         started: float,
-        cleanup: bool = False,
+        files: list[Path] | None = None,
     ) -> WeightsStatus:
         """Swap in a validated checkpoint under the write lock; commit `version` on success.
 
-        `cleanup`: remove `directory` afterwards (a staged upload), whatever the outcome.
+        With `files` (a load by path: the validated files of `directory`), the checkpoint is
+        first pinned into a directory of the manager's own; without, `directory` is a staged
+        upload the manager owns already. The manager keeps that directory while its weights
+        serve and removes it when a newer update succeeds, or at once if this one fails.
         """
         # A task of its own, shielded: if this request is cancelled (timeout, disconnect) the
         # swap still runs to its end under the lock instead of stopping half-way with readers
         # let back in. The client can read GET /v1/weights to see whether it landed.
-        task = asyncio.create_task(self._swap(engine, directory, version, source, started, cleanup))
+        task = asyncio.create_task(self._swap(engine, directory, version, source, started, files))
         task.add_done_callback(_retrieve)
         try:
             await asyncio.shield(task)
@@ -331,17 +369,29 @@ def _record(state: ServiceState, method: str, exc: BaseException | None, started
         state.metrics.weight_update(method, "error")
 
 
+# The upload body is read as a stream, not by FastAPI, so the schema is declared by hand.
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "one safetensors file (the student's full state dict)",
+        "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                            "format": "binary"}}},
+    }
+}
+
+
 def weights_router() -> APIRouter:
     """`GET /v1/weights`, `POST /v1/weights/load`, `PUT /v1/weights`."""
     router = APIRouter(tags=["weights"])
 
-    @router.get("/v1/weights", response_model=WeightsStatus)
+    @router.get("/v1/weights", response_model=WeightsStatus, responses=error_responses(503))
     async def weights_status(request: Request) -> WeightsStatus:
         """The policy version serving now and when it was loaded."""
         get_state(request).require_engine()
         return _manager(request).status()
 
-    @router.post("/v1/weights/load", response_model=WeightsStatus)
+    @router.post("/v1/weights/load", response_model=WeightsStatus,
+                 responses=error_responses(400, 403, 409, 503))
     async def load_weights(body: WeightsLoadRequest, request: Request) -> WeightsStatus:
         """Load a safetensors checkpoint directory inside `weights_dir` as `version`."""
         state = get_state(request)
@@ -355,7 +405,7 @@ def weights_router() -> APIRouter:
             files = await manager._validate(directory, "path")
             manager._check_files_inside(files, body.path)
             return await manager.apply(
-                state, engine, directory, body.version, str(directory), started
+                state, engine, directory, body.version, str(directory), started, files=files
             )
         except BaseException as exc:
             error = exc
@@ -363,7 +413,8 @@ def weights_router() -> APIRouter:
         finally:
             _record(state, "load", error, started)
 
-    @router.put("/v1/weights", response_model=WeightsStatus)
+    @router.put("/v1/weights", response_model=WeightsStatus,
+                responses=error_responses(400, 409, 413, 503), openapi_extra=_UPLOAD_BODY)
     async def upload_weights(
         request: Request,
         version: int = Query(..., ge=0, description="the policy version of the uploaded weights"),
@@ -383,9 +434,7 @@ def weights_router() -> APIRouter:
             await manager._validate(upload_dir, "body")
             # From here the swap task owns the staged files (it may outlive this request).
             staged, upload_dir = upload_dir, None
-            return await manager.apply(
-                state, engine, staged, version, "upload", started, cleanup=True
-            )
+            return await manager.apply(state, engine, staged, version, "upload", started)
         except ClientDisconnect:
             error = APIError(400, "body: the client disconnected during the upload")
             raise error from None

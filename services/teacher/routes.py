@@ -1,4 +1,4 @@
-"""`POST /v1/score`: the teacher's logprob of given tokens (DESIGN.md section 3).
+"""`POST /v1/score`: the teacher's logprob of given tokens (docs/design.md §3).
 
 For a token-id sequence, `logprobs[i] = log p(token_ids[start+i] | token_ids[:start+i])` at
 the request's temperature (logits / T before the log-softmax), for every position from
@@ -31,6 +31,7 @@ from services.common.app import ServiceState, get_state
 from services.common.errors import APIError
 from services.common.limits import check_length, check_limit, check_not_empty, check_token_ids
 from services.common.openai_routes import check_model
+from services.common.openapi import error_responses
 from services.engine import tokenization
 from services.engine.base import Engine, ScoreInput, ScoreResult
 from services.protocol import (
@@ -153,7 +154,8 @@ def score_router() -> APIRouter:
     """`POST /v1/score`."""
     router = APIRouter(tags=["teacher"])
 
-    @router.post("/v1/score", response_model=ScoreResponse)
+    @router.post("/v1/score", response_model=ScoreResponse,
+                 responses=error_responses(400, 404, 503))
     async def score_route(body: ScoreRequest, request: Request) -> Response:
         """Teacher logprobs of given tokens: token ids, prompt + completion, or messages +
         completion; optional top-k alternatives, temperature and base64 arrays."""

@@ -156,7 +156,7 @@ def opd_loss(
     backend: Backend = "auto",
     block_size: int | None = None,
 ) -> tuple[Tensor, LossSums]:
-    """The OPD policy loss of DESIGN section 4 and its metric sums, on the chosen backend.
+    """The OPD policy loss of docs/design.md §4 and its metric sums, on the chosen backend.
 
     Args:
         logp: ``[B, T]`` logprob of each sampled token under the trained policy (requires grad;

@@ -99,7 +99,7 @@ def _opd_loss_fwd_kernel(
         # (the inner where only keeps the unselected lane free of 0/0)
         log1p_z = tl.where(u_m1 == 0.0, z, tl.log(u) * (z / tl.where(u_m1 == 0.0, 1.0, u_m1)))
         log_m = hi + log1p_z
-        # s - log M, not DESIGN.md 4's b (tau - log M) + (1-b) (s - log M): see
+        # s - log M, not the usual b (tau - log M) + (1-b) (s - log M): see
         # trainer.algorithms (the exact policy gradient of the generalized JSD).
         j = s - log_m
     j = tl.where(m, j, 0.0)

@@ -1,0 +1,313 @@
+"""One step's training data: sample, score, grade (rank 0), and the producer that runs ahead.
+
+:func:`make_batch` is the data half of a step, in three calls::
+
+    rollouts = sample_rollouts(...)   # POST /v1/rollouts, one request per prompts_per_request
+    tau      = score_rollouts(...)    # POST /v1/score of exactly those tokens
+    batch    = Batch(build_sequences(...), rollout_metrics(...), ...)   # grading is a metric only
+
+Each request's seed is fixed by ``(seed, step, first prompt)``, so a resumed run samples the
+same tokens. :class:`BatchProducer` hands out step ``t``'s batch; with
+``sync.max_staleness = K >= 1`` it keeps the next K batches in flight on background threads
+while step ``t`` trains. The prompts of each batch are drawn when it is *requested*, in the
+caller's thread, so the data order never depends on timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from services.protocol import RolloutItem
+from trainer.clients import TeacherClient, map_concurrently, rollout_item_arrays
+from trainer.config import TrainConfig
+from trainer.connections import Services
+from trainer.data import Example, PromptSampler, build_messages
+from trainer.grading import Grade, grade
+from trainer.policy import TrainSequence
+from trainer.timing import timed
+
+__all__ = [
+    "Batch",
+    "BatchProducer",
+    "Rollout",
+    "build_sequences",
+    "derive_seed",
+    "make_batch",
+    "rollout_metrics",
+    "sample_rollouts",
+    "score_rollouts",
+]
+
+log = logging.getLogger("opd.trainer")
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 31-bit seed from integers, e.g. ``(run seed, step, prompt index)``: the same
+    request gets the same samples on every run (resume determinism)."""
+    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled trajectory: its prompt's index in the step, the service's item, and its
+    token arrays (``logprobs`` is ``s``, the logprob under the weights that sampled it)."""
+
+    prompt_index: int
+    item: RolloutItem
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    logprobs: np.ndarray
+
+
+@dataclass
+class Batch:
+    """One step's training data, plus what the metrics need."""
+
+    step: int
+    sequences: list[TrainSequence]
+    sampler_state: dict[str, Any]  # sampler position before this batch was drawn
+    versions: list[int] = field(default_factory=list)  # policy_version of each sample
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # a few, for samples.jsonl
+
+    @property
+    def response_tokens(self) -> int:
+        """Sampled tokens in the batch (trained or not): the throughput numerator."""
+        return sum(len(s.response_ids) for s in self.sequences)
+
+
+# --------------------------------------------------------------------------------- one batch
+
+
+def sample_rollouts(
+    cfg: TrainConfig, services: Services, step: int, examples: Sequence[Example]
+) -> list[Rollout]:
+    """``rollout.samples_per_prompt`` samples of every prompt, ordered by (prompt, sample).
+
+    One request per ``rollout.prompts_per_request`` prompts, up to
+    ``services.max_concurrency`` at once.
+    """
+    r = cfg.rollout
+
+    def sample(start: int) -> list[Rollout]:
+        chunk = examples[start : start + r.prompts_per_request]
+        resp = services.rollouts(
+            [{"messages": build_messages(ex.question)} for ex in chunk],
+            n=r.samples_per_prompt,
+            max_tokens=r.max_tokens,
+            temperature=r.temperature,
+            seed=derive_seed(cfg.seed, step, start),
+        )
+        return [Rollout(start + it.prompt_index, it, *rollout_item_arrays(it)) for it in resp.data]
+
+    starts = list(range(0, len(examples), r.prompts_per_request))
+    parts = map_concurrently(sample, starts, cfg.services.max_concurrency)
+    return sorted(
+        (x for part in parts for x in part), key=lambda x: (x.prompt_index, x.item.sample_index)
+    )
+
+
+def score_rollouts(
+    cfg: TrainConfig, teacher: TeacherClient, rollouts: Sequence[Rollout]
+) -> list[np.ndarray]:
+    """``tau``: the teacher's logprob of every sampled token (one array per rollout)."""
+    return teacher.score(
+        [x.prompt_ids for x in rollouts],
+        [x.response_ids for x in rollouts],
+        temperature=cfg.teacher_temperature,
+        sequences_per_request=cfg.teacher.sequences_per_request,
+        max_concurrency=cfg.services.max_concurrency,
+    )
+
+
+def build_sequences(
+    cfg: TrainConfig, rollouts: Sequence[Rollout], tau: Sequence[np.ndarray]
+) -> list[TrainSequence]:
+    """One :class:`TrainSequence` per rollout. Left out of the loss (``trainable=False``):
+    empty responses, non-finite logprobs, and truncated ones with ``rollout.mask_truncated``."""
+    out = []
+    for x, t in zip(rollouts, tau, strict=True):
+        finite = bool(np.isfinite(x.logprobs).all() and np.isfinite(t).all())
+        truncated = cfg.rollout.mask_truncated and x.item.finish_reason == "length"
+        trainable = len(x.response_ids) > 0 and finite and not truncated
+        out.append(TrainSequence(x.prompt_ids, x.response_ids, x.logprobs, t, trainable=trainable))
+    return out
+
+
+def rollout_metrics(
+    rollouts: Sequence[Rollout],
+    grades: Sequence[Grade],
+    sequences: Sequence[TrainSequence],
+    num_prompts: int,
+) -> dict[str, float]:
+    """The ``rollout/*`` scalars of a batch (grades are metrics, never rewards)."""
+    n = max(len(rollouts), 1)
+    lengths = [len(x.response_ids) for x in rollouts]
+    nonfinite = sum(
+        not (np.isfinite(s.behaviour_logprobs).all() and np.isfinite(s.teacher_logprobs).all())
+        for s in sequences
+    )
+    return {
+        "rollout/accuracy/mean": sum(g.correct for g in grades) / n,
+        "rollout/format_rate": sum(g.formatted for g in grades) / n,
+        "rollout/response_length/mean": sum(lengths) / n,
+        "rollout/response_length/max": float(max(lengths, default=0)),
+        "rollout/prompt_length/mean": sum(len(x.prompt_ids) for x in rollouts) / n,
+        "rollout/truncated_frac": sum(x.item.finish_reason == "length" for x in rollouts) / n,
+        "rollout/empty_frac": sum(length == 0 for length in lengths) / n,
+        "rollout/nonfinite_frac": nonfinite / n,
+        "rollout/num_prompts": float(num_prompts),
+        "rollout/num_samples": float(len(rollouts)),
+    }
+
+
+def example_samples(
+    cfg: TrainConfig,
+    examples: Sequence[Example],
+    rollouts: Sequence[Rollout],
+    grades: Sequence[Grade],
+) -> list[dict[str, Any]]:
+    """The first sample of the first ``logging.samples_per_step`` prompts, for samples.jsonl."""
+    out: list[dict[str, Any]] = []
+    for x, g in zip(rollouts, grades, strict=True):
+        if len(out) >= cfg.logging.samples_per_step:
+            break
+        if x.item.sample_index != 0:
+            continue
+        ex = examples[x.prompt_index]
+        out.append(
+            {
+                "prompt_index": x.prompt_index,
+                "question": ex.question,
+                "ground_truth": ex.ground_truth,
+                "response": x.item.text,
+                "correct": g.correct,
+                "finish_reason": x.item.finish_reason,
+                "policy_version": x.item.policy_version,
+            }
+        )
+    return out
+
+
+def make_batch(
+    cfg: TrainConfig,
+    services: Services,
+    step: int,
+    examples: Sequence[Example],
+    sampler_state: dict[str, Any],
+) -> Batch:
+    """Sample, score and grade one step's prompts (rank 0; may run in a background thread)."""
+    timing: dict[str, float] = {}
+    with timed("rollout", timing):
+        rollouts = sample_rollouts(cfg, services, step, examples)
+    with timed("score", timing):
+        tau = score_rollouts(cfg, services.teacher, rollouts)
+    grades = [grade(x.item.text, examples[x.prompt_index].ground_truth) for x in rollouts]
+    sequences = build_sequences(cfg, rollouts, tau)
+    metrics = rollout_metrics(rollouts, grades, sequences, len(examples)) | timing
+    if metrics["rollout/nonfinite_frac"] > 0:
+        log.warning(
+            "step %d: %d sample(s) with non-finite logprobs left out of the loss",
+            step,
+            round(metrics["rollout/nonfinite_frac"] * len(rollouts)),
+        )
+    return Batch(
+        step=step,
+        sequences=sequences,
+        sampler_state=sampler_state,
+        versions=[x.item.policy_version for x in rollouts],
+        metrics=metrics,
+        samples=example_samples(cfg, examples, rollouts, grades),
+    )
+
+
+# --------------------------------------------------------------------------------- producer
+
+
+def _in_thread(fn: Callable[[], Batch]) -> Future[Batch]:
+    """Run ``fn`` on a daemon thread (a stuck HTTP call must not block interpreter exit)."""
+    future: Future[Batch] = Future()
+
+    def target() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the consumer, re-raised by .result()
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name="opd-batch-producer", daemon=True).start()
+    return future
+
+
+class BatchProducer:
+    """Hands out step ``t``'s batch; with ``max_staleness = K``, keeps K more in flight.
+
+    Prompts are drawn in the caller's thread when a batch is *requested*, so the data order
+    never depends on timing; the sampler position before each draw travels with the batch
+    and is what a checkpoint stores (:meth:`next_sampler_state`).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        services: Services,
+        sampler: PromptSampler,
+        last_step: int,
+        start_step: int,
+    ):
+        self.cfg = cfg
+        self.services = services
+        self.sampler = sampler
+        self.last_step = last_step
+        self._next = start_step + 1
+        self._queue: deque[tuple[int, dict[str, Any], Future[Batch] | Callable[[], Batch]]] = (
+            deque()
+        )
+
+    def _request(self) -> bool:
+        """Queue the next step's batch (drawing its prompts now); False when none is left."""
+        step = self._next
+        if step > self.last_step or self.sampler.exhausted:
+            return False
+        state = self.sampler.state_dict()
+        examples = self.sampler.next_batch(self.cfg.rollout.prompts_per_step)
+
+        def job() -> Batch:
+            return make_batch(self.cfg, self.services, step, examples, state)
+
+        ahead = self.cfg.sync.max_staleness > 0
+        self._queue.append((step, state, _in_thread(job) if ahead else job))
+        self._next += 1
+        return True
+
+    def get(self, step: int) -> Batch | None:
+        """The batch of ``step`` (None when the data ran out)."""
+        while len(self._queue) < self.cfg.sync.max_staleness + 1 and self._request():
+            pass
+        if not self._queue:
+            return None
+        queued_step, _, job = self._queue.popleft()
+        assert queued_step == step, (queued_step, step)
+        return job.result() if isinstance(job, Future) else job()
+
+    def next_sampler_state(self) -> dict[str, Any]:
+        """Where the data order continues after the last handed-out batch."""
+        return self._queue[0][1] if self._queue else self.sampler.state_dict()
+
+    def close(self) -> None:
+        """Forget queued batches (their threads are daemons)."""
+        for _, _, job in self._queue:
+            if isinstance(job, Future):
+                job.cancel()
+        self._queue.clear()
