@@ -209,6 +209,8 @@ class ChatCompletionStreamChoice(BaseModel):
 class ChatCompletionStreamResponse(BaseModel):
     """One server-sent event of a streamed chat completion."""
 
+    # Repeats CompletionStreamResponse's fields on purpose: each class mirrors its own OpenAI
+    # schema, and a shared base would put its fields first and so reorder the JSON keys.
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int

@@ -170,6 +170,7 @@ class RolloutPrompt(StrictModel):
 class RolloutRequest(StrictModel):
     """`POST /v1/rollouts`: `n` samples for each prompt, with sampled-token logprobs."""
 
+    # Shaped like ScoreRequest/ScoreItem only: each endpoint's body is its own contract.
     model: str | None = None
     prompts: list[RolloutPrompt]
     n: int = Field(1, ge=1)
@@ -233,6 +234,8 @@ class WeightsStatus(BaseModel):
 class InfoResponse(BaseModel):
     """`GET /info`: what a client must know before sending work."""
 
+    # Repeats `services.engine.base.EngineInfo`'s fields on purpose (`ServiceState.info` copies
+    # them over): the wire contract stays free of engine imports, for the trainer and clients.
     model_config = ConfigDict(protected_namespaces=())
 
     service: Literal["teacher", "student_rollout"]

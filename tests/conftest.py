@@ -23,6 +23,7 @@ def _import_kernels_for_the_interpreter() -> None:
     try:
         import triton  # noqa: F401
 
+        import trainer.kernels.linear_logprob_triton  # noqa: F401
         import trainer.kernels.opd_loss_triton  # noqa: F401
     finally:
         if saved is None:

@@ -62,6 +62,7 @@ def start_server(
     `wait=False` returns at once: start several servers, then `handle.wait_ready()` each (they
     load in parallel).
     """
+    # Named like start_service's own keywords because it forwards them (ServiceProcess too).
     handle = start_service(
         target,
         args,

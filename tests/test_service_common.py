@@ -18,6 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.common.settings import ServiceSettings, parse_settings
+
+# The same names the engine backends import (an import list, not logic).
 from services.engine.base import (
     Engine,
     EngineConfig,

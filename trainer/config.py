@@ -275,6 +275,7 @@ class ServicesConfig(Section):
         description="environment variable holding the services' API key (sent as Bearer); "
         "unset or empty: no key. The key itself never goes into a config file",
     )
+    # Field runs shaped like TrainerConfig's only: each section declares its own knobs.
     request_timeout_s: float = Field(
         900.0, gt=0.0, description="timeout of one HTTP request (a whole rollout batch)"
     )

@@ -69,6 +69,7 @@ class Services:
         check_services(self.cfg, teacher, rollout, local_fingerprint, components)
         return teacher, rollout
 
+    # RolloutClient.rollouts' signature on purpose: this wrapper forwards every argument.
     def rollouts(
         self,
         prompts: Sequence[dict[str, Any]],

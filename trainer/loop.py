@@ -286,6 +286,7 @@ class Trainer:
 
     def close(self) -> None:
         """Stop background work, close sinks and connections, leave the process group."""
+        # Like Observability.close in shape only: each closes its own parts.
         if self.producer is not None:
             self.producer.close()
         if self.obs is not None:

@@ -7,10 +7,11 @@ Qwen's 152k vocabulary that is over 600 GB. Instead:
 1. the model *body* (embeddings, decoder layers, final norm) runs on a micro-batch of
    length-bucketed sequences (:func:`plan_micro_batches`);
 2. only the hidden states of positions that predict a response token are kept;
-3. :class:`ChunkedTokenLogprob` projects them to the vocabulary ``chunk`` tokens at a time and
-   keeps just ``log_softmax(logits / T)[sampled token]`` plus one logsumexp per token; the
-   backward recomputes each chunk's logits, so at most ``[chunk, vocab]`` float32 logits exist
-   at any moment, in the forward and in the backward.
+3. :func:`chunked_token_logprobs` projects them to the vocabulary and keeps just
+   ``log_softmax(logits / T)[sampled token]`` plus one logsumexp per token: on CUDA in the
+   fused Triton kernel (logits live only in on-chip tiles), elsewhere ``chunk`` tokens at a
+   time in torch; both backwards recompute the logits, so at most ``[chunk, vocab]`` float32
+   logits exist at any moment (``trainer.kernels.linear_logprob``).
 
 The temperature is the rollout's (``logits / T``), so before the first update the trainer's
 ``log pi_theta`` of a sampled token equals the rollout's recorded logprob and the PPO ratio is 1.
@@ -26,16 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.engine.dtypes import torch_dtype
 from trainer.algorithms import LossConfig, LossSums
 from trainer.config import StudentConfig
-from trainer.kernels import opd_loss
+from trainer.kernels import linear_logprob, opd_loss
 
 __all__ = [
-    "ChunkedTokenLogprob",
     "MicroBatch",
     "PolicyModel",
     "TrainSequence",
@@ -65,93 +64,6 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
 # --------------------------------------------------------------------------------- logprobs
 
 
-class ChunkedTokenLogprob(torch.autograd.Function):
-    """``log_softmax(hidden @ W.T + b) / T)[target]`` per row, ``chunk`` rows at a time.
-
-    Forward keeps only the per-row logsumexp; backward recomputes each chunk's logits and
-    forms ``d/dlogits = g * (onehot - softmax) / T`` directly, so no ``[N, vocab]`` tensor is
-    ever saved. The projection runs in ``compute_dtype`` (the autocast dtype, else the
-    weight's); softmax and logsumexp always run in float32.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        targets: Tensor,
-        inv_temp: float,
-        chunk: int,
-        compute_dtype: torch.dtype,
-    ) -> Tensor:
-        n = hidden.shape[0]
-        acc = _accumulate_dtype(compute_dtype)
-        out = torch.empty(n, dtype=acc, device=hidden.device)
-        lse = torch.empty(n, dtype=acc, device=hidden.device)
-        w = weight.to(compute_dtype)
-        b = bias.to(compute_dtype) if bias is not None else None
-        for i in range(0, n, chunk):
-            logits = F.linear(hidden[i : i + chunk].to(compute_dtype), w, b).to(acc) * inv_temp
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            out[i : i + chunk] = (
-                logits.gather(1, targets[i : i + chunk, None]).squeeze(1) - chunk_lse
-            )
-            lse[i : i + chunk] = chunk_lse
-        ctx.save_for_backward(
-            hidden, weight, bias if bias is not None else torch.empty(0), targets, lse
-        )
-        ctx.has_bias = bias is not None
-        ctx.inv_temp, ctx.chunk, ctx.compute_dtype = inv_temp, chunk, compute_dtype
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        cd, inv_temp, chunk = ctx.compute_dtype, ctx.inv_temp, ctx.chunk
-        acc = _accumulate_dtype(cd)
-        w = weight.to(cd)
-        b = bias.to(cd) if ctx.has_bias else None
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # Weight gradients accumulate over chunks in float32 whatever the compute dtype.
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = (
-            torch.zeros(bias.shape, dtype=acc, device=weight.device)
-            if need_b and ctx.has_bias
-            else None
-        )
-        grad_out = grad_out.to(acc)
-        for i in range(0, hidden.shape[0], chunk):
-            h = hidden[i : i + chunk].to(cd)
-            g_out = grad_out[i : i + chunk, None]
-            logits = F.linear(h, w, b).to(acc) * inv_temp
-            # d(logit[y] - lse)/dlogits = onehot(y) - softmax; chain through the 1/T scaling.
-            g = torch.exp(logits - lse[i : i + chunk, None]).mul_(-g_out)
-            g.scatter_add_(1, targets[i : i + chunk, None], g_out)
-            g.mul_(inv_temp)
-            if grad_h is not None:
-                grad_h[i : i + chunk] = (g.to(cd) @ w).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w += (g.to(cd).t() @ h).to(acc)
-            if grad_b is not None:
-                grad_b += g.sum(0)
-        return (
-            grad_h,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
-            grad_b.to(bias.dtype) if grad_b is not None else None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-def _accumulate_dtype(compute_dtype: torch.dtype) -> torch.dtype:
-    # float32 for fp32/bf16/fp16; float64 stays float64 (so gradcheck can verify the backward).
-    return torch.float64 if compute_dtype == torch.float64 else torch.float32
-
-
 def chunked_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -159,33 +71,29 @@ def chunked_token_logprobs(
     targets: Tensor,
     temperature: float,
     chunk_tokens: int = 1024,
+    backend: str = "auto",
 ) -> Tensor:
     """``[N]`` logprob (float32; float64 for float64 weights) of ``targets[i]`` under ``softmax((hidden[i] @ W.T + b) / T)``.
 
     ``hidden`` is ``[N, H]``, ``weight`` the output projection ``[V, H]``. Differentiable with
-    respect to ``hidden``, ``weight`` and ``bias``. Under ``torch.autocast`` the projection
-    runs in the autocast dtype.
+    respect to ``hidden``, ``weight`` and ``bias``; no ``[N, V]`` tensor is kept. On CUDA the
+    fused Triton kernel runs (``trainer.kernels.linear_logprob``), elsewhere the chunked torch
+    path, ``chunk_tokens`` rows at a time. Under ``torch.autocast`` the projection runs in the
+    autocast dtype.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
             f"hidden [N, H] and targets [N] expected, got {hidden.shape}, {targets.shape}"
         )
-    device_type = hidden.device.type
-    compute_dtype = (
-        torch.get_autocast_dtype(device_type)
-        if torch.is_autocast_enabled(device_type)
-        else weight.dtype
-    )
-    with torch.autocast(device_type, enabled=False):
-        return ChunkedTokenLogprob.apply(
-            hidden,
-            weight,
-            bias,
-            targets.long(),
-            1.0 / temperature,
-            int(chunk_tokens),
-            compute_dtype,
-        )
+    return linear_logprob(
+        hidden,
+        weight,
+        targets,
+        temperature,
+        bias=bias,
+        backend=backend,  # type: ignore[arg-type]
+        chunk_tokens=chunk_tokens,
+    ).logp
 
 
 class PolicyModel(nn.Module):
@@ -334,6 +242,8 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[i
     Sorting by length first (longest first) puts similar lengths together, so little of the
     budget is spent on padding. A single sequence longer than the budget gets its own batch.
     """
+    # Mirrors services.engine.hf.scoring.pack_batches on purpose: the trainer imports only the
+    # wire contract and the launcher from services/, and packs longest first, by index.
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []

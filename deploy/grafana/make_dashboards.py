@@ -86,7 +86,7 @@ TRAINING: list[Row] = [
         Panel("Response length (tokens)", [("opd_rollout_response_length_mean", "mean")]),
         Panel("Truncated / format", [
             ("opd_rollout_truncated_frac", "truncated (finish=length)"),
-            ("opd_eval_format_rate", "eval answers with a final answer"),
+            ("opd_eval_format_rate", "eval answers ending in \\boxed{}"),
         ], unit="percentunit", min=0, max=1),
         Panel("Step", [("opd_trainer_step", "step")], kind="stat", decimals=0),
     ]),

@@ -12,6 +12,8 @@
   adds the middleware's statuses to every route and drops FastAPI's unused 422.
 - `metrics`: the Prometheus metrics of docs/metrics.md (`ServiceMetrics`) and `/metrics`.
 - `openai_routes`: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (`openai_router()`).
+- `responses`: `json_response` (pydantic-core JSON) and `openai_response` (JSON or
+  server-sent events).
 
 Submodules are imported explicitly (`from services.common.app import create_app`), so importing
 this package costs nothing.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -110,16 +111,7 @@ class ServiceState:
         assert info is not None
         fields: dict[str, Any] = {
             "service": self.service,
-            "model": info.model,
-            "served_model_name": info.served_model_name,
-            "backend": info.backend,
-            "dtype": info.dtype,
-            "device": info.device,
-            "max_model_len": info.max_model_len,
-            "vocab_size": info.vocab_size,
-            "tokenizer_fingerprint": info.tokenizer_fingerprint,
-            "tokenizer_fingerprint_components": info.tokenizer_fingerprint_components,
-            "eos_token_ids": list(info.eos_token_ids),
+            **dataclasses.asdict(info),
             "limits": self.settings.limits(),
             "version": _version(),
         }

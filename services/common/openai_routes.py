@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from services.common.app import ServiceState, StateDep, get_state
 from services.common.errors import APIError
@@ -42,15 +42,13 @@ from services.common.limits import (
     check_token_ids,
 )
 from services.common.openapi import error_responses
+from services.common.responses import openai_response
 from services.engine import tokenization
 from services.engine.base import Engine, GeneratedSample, SamplingSpec, ScoreInput, ScoreResult
 from services.openai_protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatCompletionStreamChoice,
-    ChatCompletionStreamResponse,
-    ChatDelta,
     ChatLogProb,
     ChatLogProbContent,
     ChatLogProbs,
@@ -59,7 +57,6 @@ from services.openai_protocol import (
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
-    CompletionStreamResponse,
     ModelCard,
     ModelList,
     UsageInfo,
@@ -201,12 +198,6 @@ async def generate(state: ServiceState, engine: Engine, prompts: Sequence[list[i
     samples = await engine.generate(prompts, spec)
     state.metrics.tokens_generated(sum(len(s.token_ids) for per in samples for s in per))
     return samples
-
-
-def _model_dump_response(model: Any) -> Response:
-    # pydantic-core writes the JSON directly; FastAPI's jsonable_encoder path is much slower
-    # on long float lists.
-    return Response(model.model_dump_json(), media_type="application/json")
 
 
 # --------------------------------------------------------------------------- completions
@@ -424,52 +415,16 @@ async def create_chat_completion(state: ServiceState, engine: Engine,
     return ChatCompletionResponse(model=model, choices=choices, usage=usage)
 
 
-# --------------------------------------------------------------------------- streaming
-
-
-def _sse(payload: Any) -> str:
-    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=True)
-    return f"data: {data}\n\n"
-
-
-async def _stream_completion(resp: CompletionResponse, include_usage: bool
-                             ) -> AsyncIterator[str]:
-    for choice in resp.choices:
-        yield _sse(CompletionStreamResponse(id=resp.id, created=resp.created, model=resp.model,
-                                            choices=[choice]))
-    if include_usage:
-        yield _sse(CompletionStreamResponse(id=resp.id, created=resp.created, model=resp.model,
-                                            choices=[], usage=resp.usage))
-    yield _sse("[DONE]")
-
-
-async def _stream_chat(resp: ChatCompletionResponse, include_usage: bool
-                       ) -> AsyncIterator[str]:
-    def chunk(choices: list[ChatCompletionStreamChoice],
-              usage: UsageInfo | None = None) -> str:
-        return _sse(ChatCompletionStreamResponse(id=resp.id, created=resp.created,
-                                                 model=resp.model, choices=choices,
-                                                 usage=usage))
-
-    for c in resp.choices:
-        yield chunk([ChatCompletionStreamChoice(index=c.index, delta=ChatDelta(role="assistant",
-                                                                              content=""))])
-        yield chunk([ChatCompletionStreamChoice(index=c.index,
-                                                delta=ChatDelta(content=c.message.content),
-                                                logprobs=c.logprobs)])
-        yield chunk([ChatCompletionStreamChoice(index=c.index, delta=ChatDelta(),
-                                                finish_reason=c.finish_reason)])
-    if include_usage:
-        yield chunk([], usage=resp.usage)
-    yield _sse("[DONE]")
-
-
-def _streaming(gen: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(gen, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
-
-
 # --------------------------------------------------------------------------- router
+
+
+def _model_card(state: ServiceState) -> ModelCard:
+    """The served model's card (`/v1/models` and `/v1/models/{id}`)."""
+    info = state.engine_info
+    assert info is not None
+    return ModelCard(id=info.served_model_name, root=info.model,
+                     created=int(state.ready_at or time.time()),
+                     max_model_len=info.max_model_len)
 
 
 # `stream: true` answers 200 with server-sent events instead of the JSON body.
@@ -488,25 +443,18 @@ def openai_router() -> APIRouter:
     async def list_models(state: StateDep) -> ModelList:
         """The one served model."""
         state.require_engine()
-        info = state.engine_info
-        assert info is not None
-        return ModelList(data=[ModelCard(id=info.served_model_name, root=info.model,
-                                         created=int(state.ready_at or time.time()),
-                                         max_model_len=info.max_model_len)])
+        return ModelList(data=[_model_card(state)])
 
     @router.get("/v1/models/{model_id:path}", response_model=ModelCard,
                 responses=error_responses(404, 503))
     async def get_model(model_id: str, state: StateDep) -> ModelCard:
         """One model card (404 for any other name)."""
         state.require_engine()
-        info = state.engine_info
-        assert info is not None
-        if model_id not in (info.served_model_name, info.model):
+        card = _model_card(state)
+        if model_id not in (card.id, card.root):
             raise APIError(404, f"model: {model_id!r} is not served here",
                            param="model", code="model_not_found")
-        return ModelCard(id=info.served_model_name, root=info.model,
-                         created=int(state.ready_at or time.time()),
-                         max_model_len=info.max_model_len)
+        return card
 
     @router.post("/v1/completions", response_model=CompletionResponse,
                  responses=error_responses(400, 404, 503, extra=_STREAM_200))
@@ -514,23 +462,16 @@ def openai_router() -> APIRouter:
         """OpenAI completions; `echo + max_tokens: 0 + logprobs: k` scores the prompt."""
         state = get_state(request)
         engine = state.require_engine()
-        resp = await create_completion(state, engine, body)
-        if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return _streaming(_stream_completion(resp, include))
-        return _model_dump_response(resp)
+        return openai_response(body, await create_completion(state, engine, body))
 
+    # Shaped like the route above only: what differs lives in create_chat_completion.
     @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
                  responses=error_responses(400, 404, 503, extra=_STREAM_200))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI chat completions with `logprobs` / `top_logprobs`."""
         state = get_state(request)
         engine = state.require_engine()
-        resp = await create_chat_completion(state, engine, body)
-        if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return _streaming(_stream_chat(resp, include))
-        return _model_dump_response(resp)
+        return openai_response(body, await create_chat_completion(state, engine, body))
 
     return router
 

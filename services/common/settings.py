@@ -79,6 +79,7 @@ class ServiceSettings(BaseSettings):
     access_log: bool = Field(True, description="log one line per request (uvicorn)")
 
     # ---------------------------------------------------------------- limits
+    # Shaped like trainer/config.py's fields only: those are the trainer's own knobs.
     max_sequences_per_request: int = Field(
         4096, ge=1, description="sequences (score) or prompts x n (generate) in one request"
     )
@@ -112,6 +113,7 @@ class ServiceSettings(BaseSettings):
 
     def limits(self) -> dict[str, int]:
         """The limits as published in `/info` (`InfoResponse.limits`)."""
+        # A literal like PromptSampler.state_dict's in shape only: these keys are /info's.
         return {
             "max_sequences_per_request": self.max_sequences_per_request,
             "max_tokens_per_request": self.max_tokens_per_request,

@@ -11,10 +11,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from .tokenization import load_tokenizer
 
 
 class EngineConfig(BaseModel):
@@ -122,11 +124,15 @@ class Engine(abc.ABC):
     """One model behind one async interface; both services talk only to this."""
 
     config: EngineConfig
+    _tokenizer: Any = None
 
     @property
-    @abc.abstractmethod
     def tokenizer(self):  # transformers.PreTrainedTokenizerBase
-        """The model's tokenizer (used for chat templates and text forms)."""
+        """The model's tokenizer (used for chat templates and text forms): the transformers
+        tokenizer of the model's files, loaded on first use, so also before `start`."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config)
+        return self._tokenizer
 
     @abc.abstractmethod
     async def start(self) -> None:

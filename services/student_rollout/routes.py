@@ -28,6 +28,7 @@ from services.common.errors import APIError
 from services.common.limits import check_length, check_limit, check_not_empty, check_token_ids
 from services.common.openai_routes import check_model, generate, parse_stops
 from services.common.openapi import error_responses
+from services.common.responses import json_response
 from services.engine import tokenization
 from services.engine.base import Engine, SamplingSpec
 from services.protocol import (
@@ -202,7 +203,6 @@ def rollout_router() -> APIRouter:
         # The raw engine: run_rollouts takes its own lease (see LeasedEngine).
         engine = unwrap_engine(state.require_engine())
         resp = await run_rollouts(state, engine, request.app.state.versions, body)
-        # pydantic-core writes JSON directly; FastAPI's encoder is slow on long float lists.
-        return Response(resp.model_dump_json(), media_type="application/json")
+        return json_response(resp)
 
     return router

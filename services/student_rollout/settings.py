@@ -13,6 +13,8 @@ class RolloutSettings(ServiceSettings):
     """Serve the student policy: sample rollouts with logprobs and take weight updates."""
 
     port: int = Field(8002, ge=0, le=65535, description="port to bind")
+    # Shaped like trainer SyncConfig's directories on purpose: those are the trainer's view of
+    # the same disk, and config modules must not import service code.
     weights_dir: Path | None = Field(
         None,
         description="directory that checkpoints loaded by path (POST /v1/weights/load) must lie "

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,24 +104,24 @@ class ReadWriteLock:
             self._writer = False
             self._cond.notify_all()
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[None]:
+    def read(self) -> AbstractAsyncContextManager[None]:
         """`async with lock.read():` a shared lease."""
-        await self.acquire_read()
-        try:
-            yield
-        finally:
-            # Shield: a cancelled request must still return its lease, or writers hang forever.
-            await asyncio.shield(self.release_read())
+        return _held(self.acquire_read, self.release_read)
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[None]:
+    def write(self) -> AbstractAsyncContextManager[None]:
         """`async with lock.write():` exclusive access."""
-        await self.acquire_write()
-        try:
-            yield
-        finally:
-            await asyncio.shield(self.release_write())
+        return _held(self.acquire_write, self.release_write)
+
+
+@asynccontextmanager
+async def _held(acquire: Callable[[], Awaitable[None]],
+                release: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+    await acquire()
+    try:
+        yield
+    finally:
+        # Shield: a cancelled request must still return its lease, or the others hang forever.
+        await asyncio.shield(release())
 
 
 @dataclass

@@ -32,6 +32,7 @@ from services.common.errors import APIError
 from services.common.limits import check_length, check_limit, check_not_empty, check_token_ids
 from services.common.openai_routes import check_model
 from services.common.openapi import error_responses
+from services.common.responses import json_response
 from services.engine import tokenization
 from services.engine.base import Engine, ScoreInput, ScoreResult
 from services.protocol import (
@@ -121,6 +122,7 @@ def build_response(model: str, req: ScoreRequest, inputs: Sequence[ScoreInput],
     scored = 0
     for i, (inp, res) in enumerate(zip(inputs, results, strict=True)):
         scored += len(inp.token_ids) - inp.start
+        # Our own numbers: model_construct skips validating long arrays once more.
         item = ScoreItem.model_construct(
             index=i,
             start=inp.start,
@@ -162,8 +164,6 @@ def score_router() -> APIRouter:
         state = get_state(request)
         engine = state.require_engine()
         response = await score(state, engine, body)
-        # Serialized by pydantic-core straight to bytes (FastAPI's encoder is far slower on
-        # long float lists); model_construct above skipped re-validating our own numbers.
-        return Response(response.model_dump_json(), media_type="application/json")
+        return json_response(response)
 
     return router

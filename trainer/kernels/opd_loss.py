@@ -37,23 +37,30 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> Literal["triton", "torch"]:
-    """The backend that ``opd_loss(..., backend=backend)`` runs for tensors on ``device``.
+def choose_backend(backend: str, env_var: str, kernel_fits: bool) -> Literal["triton", "torch"]:
+    """Pick ``"triton"`` or ``"torch"`` for one kernel: the rule both kernels share.
 
     An explicit ``"triton"`` or ``"torch"`` always wins. ``"auto"`` first defers to the
-    ``OPD_LOSS_BACKEND`` environment variable (``auto``/``triton``/``torch``), then picks Triton
-    when the tensors are on CUDA and Triton is importable, else the torch reference.
+    environment variable ``env_var`` (``auto``/``triton``/``torch``), then picks Triton when
+    ``kernel_fits`` (the tensors are ones the kernel handles, e.g. on CUDA) and Triton is
+    importable, else the torch path.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        env = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+        env = os.environ.get(env_var, "").strip().lower() or "auto"
         if env not in _BACKENDS:
-            raise ValueError(f"{BACKEND_ENV} must be one of {_BACKENDS}, got {env!r}")
+            raise ValueError(f"{env_var} must be one of {_BACKENDS}, got {env!r}")
         backend = env
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return "triton" if kernel_fits and triton_available() else "torch"
     return backend  # type: ignore[return-value]
+
+
+def resolve_backend(backend: str, device: torch.device) -> Literal["triton", "torch"]:
+    """The backend that ``opd_loss(..., backend=backend)`` runs for tensors on ``device``:
+    ``OPD_LOSS_BACKEND`` for ``"auto"``, then Triton on CUDA (:func:`choose_backend`)."""
+    return choose_backend(backend, BACKEND_ENV, device.type == "cuda")
 
 
 def row_weights(
@@ -81,16 +88,19 @@ def row_weights(
     raise ValueError(f"unknown aggregation {aggregation!r}")
 
 
-def _launch(
+def launch_kernel(
     logp: Tensor,
     s: Tensor,
     tau: Tensor,
     mask: Tensor,
     row_w: Tensor,
     cfg: LossConfig,
-    block_size: int | None,
-    write_grad: bool,
+    block_size: int | None = None,
+    write_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
+    """One launch of the fused kernel with ``cfg``'s scalars: ``(sums, grad)`` of
+    :func:`~trainer.kernels.opd_loss_triton.launch_opd_loss_fwd` (``grad`` None unless
+    ``write_grad``)."""
     # Imported here so that merely importing trainer.kernels never imports triton.
     from trainer.kernels import opd_loss_triton as k
 
@@ -118,6 +128,8 @@ class OPDLossFunction(torch.autograd.Function):
     float32 vector of the kernel's remaining sums (order of ``opd_loss_triton.STATS[1:]``).
     """
 
+    # Repeats launch_kernel's parameters on purpose: autograd tracks only what apply() is given
+    # positionally, so forward must spell out each input rather than take a bundle.
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -129,7 +141,7 @@ class OPDLossFunction(torch.autograd.Function):
         cfg: LossConfig,
         block_size: int | None,
     ) -> tuple[Tensor, Tensor]:
-        sums, grad = _launch(logp, s, tau, mask, row_w, cfg, block_size, write_grad=True)
+        sums, grad = launch_kernel(logp, s, tau, mask, row_w, cfg, block_size, write_grad=True)
         ctx.save_for_backward(grad)
         loss, stats = sums[0].clone(), sums[1:].clone()
         ctx.mark_non_differentiable(stats)
@@ -144,6 +156,7 @@ class OPDLossFunction(torch.autograd.Function):
         return grad * grad_loss, None, None, None, None, None, None
 
 
+# Takes reference_loss's arguments on purpose (plus the backend's): a drop-in replacement.
 def opd_loss(
     logp: Tensor,
     s: Tensor,
@@ -196,18 +209,9 @@ def opd_loss(
     if logp.requires_grad and torch.is_grad_enabled():
         loss, stats = OPDLossFunction.apply(logp, s, tau, mask, row_w, cfg, block_size)
     else:
-        sums_vec, _ = _launch(logp, s, tau, mask, row_w, cfg, block_size, write_grad=False)
+        sums_vec, _ = launch_kernel(logp, s, tau, mask, row_w, cfg, block_size, write_grad=False)
         loss, stats = sums_vec[0], sums_vec[1:]
-    pg_loss, clip, clip_lower, ppo_kl, kl, jsd, adv, adv_sq = stats.unbind(0)
-    return loss, LossSums(
-        tokens=row_tokens.sum(),
-        seqs=(row_tokens > 0).sum().to(torch.float32),
-        pg_loss=pg_loss,
-        pg_clipfrac=clip,
-        pg_clipfrac_lower=clip_lower,
-        ppo_kl=ppo_kl,
-        kl=kl,
-        jsd=jsd,
-        adv=adv,
-        adv_sq=adv_sq,
-    )
+    # The kernel's stats are LossSums' fields after the two counts, in order (STATS[1:]);
+    # tests/test_kernel.py compares every field with the reference, so a reorder fails there.
+    counts = torch.stack((row_tokens.sum(), (row_tokens > 0).sum().to(torch.float32)))
+    return loss, LossSums.from_tensor(torch.cat((counts, stats)))

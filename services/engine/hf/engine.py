@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+# The same names as the vllm backend imports: an import list, not logic.
 from ..base import (
     Engine,
     EngineConfig,
@@ -28,7 +29,6 @@ from ..base import (
 )
 from ..checkpoint import reference_checkpoint
 from ..fingerprint import combine_components, fingerprint_components
-from ..tokenization import load_tokenizer
 from ..validation import check_generate_request, check_score_inputs
 from .generation import GroupStepper, new_request
 from .model import ModelRunner
@@ -42,7 +42,6 @@ class HFEngine(Engine):
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self._tokenizer: Any = None
         self._info: EngineInfo | None = None
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
@@ -51,13 +50,6 @@ class HFEngine(Engine):
         self._observer: Callable[[str, int], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def tokenizer(self) -> Any:
-        """The model's tokenizer (loaded on first use if `start` has not run yet)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.config)
-        return self._tokenizer
 
     @property
     def model(self) -> Any:

@@ -37,7 +37,6 @@ from ..base import (
     ScoreResult,
 )
 from ..checkpoint import reference_checkpoint
-from ..tokenization import load_tokenizer
 from ..validation import check_generate_request, check_score_inputs
 from .generation import generate_samples
 from .requests import TEMPERATURES, RequestRunner, gather_or_cancel
@@ -58,7 +57,6 @@ class VLLMEngine(Engine):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._llm: AsyncLLM | None = None
-        self._tokenizer: Any = None
         self._info: EngineInfo | None = None
         self._max_model_len = 0
         self._vocab_size = 0
@@ -67,13 +65,6 @@ class VLLMEngine(Engine):
         self.start_seconds: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def tokenizer(self) -> Any:
-        """The model's transformers tokenizer (same files vLLM tokenizes with)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.config)
-        return self._tokenizer
 
     @property
     def llm(self) -> AsyncLLM:
