@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 import triton  # noqa: F401  (imported by conftest, under the interpreter on CPU)
 
+from tests.interpreted_kernels import DEVICES, kernel_device, run_cpu_cases
 from tests.test_algorithms import (  # noqa: E402
     HAND_IS_GRAD,
     HAND_IS_LOSS,
@@ -36,9 +33,7 @@ from trainer.kernels import opd_loss_triton as kernel_module  # noqa: E402
 
 #: Whether the kernel runs on CPU tensors in this process (built for the interpreter).
 INTERPRETED = kernel_module.interpreted()
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -46,13 +41,7 @@ RTOL, ATOL = 1e-5, 1e-6
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The device to test on; CPU runs the kernel in Triton's interpreter."""
-    if request.param == "cpu":
-        if not INTERPRETED:
-            # A CUDA host compiles the kernel; its CPU cases run in the subprocess test.
-            pytest.skip("CUDA host: CPU cases run in test_interpreted_kernel_in_subprocess")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("OPD_LOSS_BACKEND", raising=False)
-    return request.param
+    return kernel_device(request, monkeypatch, interpreted=INTERPRETED, backend_env="OPD_LOSS_BACKEND")
 
 
 def make_batch(
@@ -399,13 +388,4 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch: pytest.Monkey
 if not INTERPRETED:  # a CUDA host; on CPU the cases ran in this process
 
     def test_interpreted_kernel_in_subprocess() -> None:
-        env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "cpu"],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        run_cpu_cases(__file__)

@@ -10,15 +10,11 @@ multiples of none of them.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.interpreted_kernels import DEVICES, kernel_device, run_cpu_cases
 from trainer.kernels import (
     ChunkedLinearLogprob,
     linear_logprob,
@@ -27,8 +23,6 @@ from trainer.kernels import (
 from trainer.kernels import linear_logprob_triton as kt
 
 INTERPRETED = kt.interpreted()
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BLOCKS = kt.Blocks(n=16, v=32, h=16, num_warps=4)
 N, V, H = 37, 75, 40
 
@@ -36,12 +30,7 @@ N, V, H = 37, 75, 40
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The device to test on; CPU runs the kernel in Triton's interpreter."""
-    if request.param == "cpu":
-        if not INTERPRETED:
-            pytest.skip("CUDA host: CPU cases run in test_interpreted_kernel_in_subprocess")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("OPD_LOGPROB_BACKEND", raising=False)
-    return request.param
+    return kernel_device(request, monkeypatch, interpreted=INTERPRETED, backend_env="OPD_LOGPROB_BACKEND")
 
 
 def make_inputs(
@@ -360,13 +349,4 @@ def test_shape_errors() -> None:
 if not INTERPRETED:  # a CUDA host; on CPU the cases ran in this process
 
     def test_interpreted_kernel_in_subprocess() -> None:
-        env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "cpu"],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        run_cpu_cases(__file__)

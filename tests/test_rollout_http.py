@@ -82,9 +82,12 @@ def eos_heavy(base: dict[str, torch.Tensor], eos: int) -> dict:
     return sd
 
 
-def save_dir(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
+def save_dir(
+    directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
+              metadata=metadata)
     return directory
 
 

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from services.engine import EngineConfig, ScoreInput, WeightsError, make_engine
 from tests.servers import ServerHandle, start_server
@@ -103,10 +103,7 @@ def test_hf_nothing_to_restore_marks_the_engine_broken(loop, tiny_models, tmp_pa
 
 def _marked(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
     """A checkpoint that passes every check but fails inside the engine (tests/weight_faults)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()},
-              str(directory / "model.safetensors"), metadata={FAULT_KEY: "1"})
-    return directory
+    return save_dir(directory, tensors, metadata={FAULT_KEY: "1"})
 
 
 class WeightsRestoreContract:

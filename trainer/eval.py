@@ -30,7 +30,6 @@ import numpy as np
 from services.launch import running_service
 from services.protocol import RolloutResponse
 from trainer.clients import (
-    RetryPolicy,
     RolloutClient,
     ServiceClient,
     TeacherClient,
@@ -39,6 +38,7 @@ from trainer.clients import (
 )
 from trainer.data import Example, build_messages, load_gsm8k
 from trainer.grading import grade
+from trainer.retry import RetryPolicy
 
 __all__ = [
     "EvalResult",
