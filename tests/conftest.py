@@ -25,6 +25,7 @@ def _import_kernels_for_the_interpreter() -> None:
 
         import trainer.kernels.linear_logprob_triton  # noqa: F401
         import trainer.kernels.opd_loss_triton  # noqa: F401
+        import trainer.kernels.topk_divergence_triton  # noqa: F401
     finally:
         if saved is None:
             os.environ.pop("TRITON_INTERPRET", None)

@@ -104,14 +104,15 @@ def documented_metric_names() -> set[str]:
 
 
 def code_metric_names() -> set[str]:
-    """Names the code registers: the services' metrics module and the trainer's scalars."""
+    """Names the code registers: the services' metrics module, the trainer's scalars and its
+    per-replica pool metrics."""
     names: set[str] = set()
     from prometheus_client.metrics import MetricWrapperBase
 
-    from trainer.observability import prometheus_name
+    from trainer.observability import prometheus_name, replica_metrics
 
     metrics = importlib.import_module("services.common.metrics")
-    for value in vars(metrics).values():
+    for value in [*vars(metrics).values(), *replica_metrics().collectors()]:
         if isinstance(value, MetricWrapperBase):
             for family in value.describe():
                 names |= _expand(family.name, family.type)

@@ -42,6 +42,10 @@ LIMIT_ARGS = ["--dtype", "float32", "--device", "cpu", "--max-model-len", str(MA
               "--max-tokens-per-request", "512", "--max-body-bytes", "100000",
               "--request-timeout-s", "30", "--no-access-log", "--log-level", "warning"]
 
+# Joining a broadcast group connects to the address the body names: generated bodies would
+# send traffic to arbitrary hosts. Its validation is tested in tests/test_broadcast_sync.py.
+NOT_FUZZED = frozenset({"/v1/weights/broadcast/init"})
+
 pytestmark = pytest.mark.slow
 
 
@@ -71,8 +75,8 @@ def fuzz(server: ServerHandle, budget_s: float = BUDGET_S) -> list[str]:
     from hypothesis.errors import Unsatisfiable
 
     schema = schemathesis.openapi.from_url(server.base_url + "/openapi.json")
-    runs = [(result.ok(), mode) for result in schema.get_all_operations()
-            for mode in schemathesis.GenerationMode]
+    runs = [(op, mode) for op in (result.ok() for result in schema.get_all_operations())
+            if op.path not in NOT_FUZZED for mode in schemathesis.GenerationMode]
     end = time.monotonic() + budget_s
     failures: list[str] = []
     total = 0

@@ -16,6 +16,7 @@ from trainer.grading import (
     extract_answer,
     extract_answer_with_form,
     grade,
+    is_degenerate,
     is_equivalent,
     normalize_number,
 )
@@ -321,3 +322,50 @@ def test_math_verify_uses_its_timeout_when_signals_are_free() -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, *old_timer)
         signal.signal(signal.SIGALRM, old_handler)
+
+
+# (response, degenerate)
+DEGENERATE_CASES: list[tuple[str, bool]] = [
+    ("", True),  # blank
+    ("  \n\n\t ", True),
+    ("\n" * 128, True),
+    ("!!!!", True),  # one short unit, 4 times or more
+    ("the the the the", True),
+    (" Rem Rem Rem Rem Rem ", True),
+    ("abababab", True),
+    ("x" * 300, True),
+    ("She sells 9 eggs.\nShe sells 9 eggs.\n\n  She sells 9 eggs.  ", True),  # a loop
+    ("a\nb\na\nb\na\nb", True),
+    ("the the the", False),  # 3 repeats of a unit: not yet
+    ("She sells 9 eggs.\nShe sells 9 eggs.\nSo she earns $18.", False),  # a line twice
+    ("abcdefghij" * 4, False),  # the unit is longer than 8 characters
+    ("\\[\nx = 1\n\\]\n\\[\ny = 2\n\\]\n\\[\nz = 3\n\\]", False),  # markup lines
+    ("Janet has 16 eggs.\nShe eats 3 and bakes 4.\n16 - 3 - 4 = 9.\n\\boxed{18}", False),
+    ("18", False),
+    ("ab", False),
+]
+
+
+@pytest.mark.parametrize(("response", "degenerate"), DEGENERATE_CASES)
+def test_is_degenerate(response: str, degenerate: bool) -> None:
+    assert is_degenerate(response) is degenerate
+
+
+def test_is_degenerate_is_fast_on_long_text() -> None:
+    import time
+
+    started = time.monotonic()
+    assert not is_degenerate("ab " * 5000 + "c")
+    assert is_degenerate("ab " * 5000)
+    assert time.monotonic() - started < 1.0
+
+
+def test_answer_rate_and_format_rate_differ() -> None:
+    """A stated answer (``####``, "the answer is") counts for the answer rate only; a final
+    ``\\boxed{}`` for both; a bare number for neither."""
+    stated = grade("16 - 3 - 4 = 9, so she sells 9 eggs.\n#### 18", "18")
+    boxed = grade("so \\boxed{18}", "18")
+    bare = grade("16 - 3 - 4 = 9, so she earns 18", "18")
+    assert (stated.has_answer, stated.formatted) == (True, False)
+    assert (boxed.has_answer, boxed.formatted) == (True, True)
+    assert (bare.has_answer, bare.formatted, bare.correct) == (False, False, True)

@@ -388,20 +388,31 @@ def test_trainer_command_is_a_valid_config(variant: str, tmp_path: Path) -> None
     assert cfg.run_dir == "/shared/runs/opd_gsm8k"
     assert cfg.logging.metrics_port == _trainer_metrics_port()
     assert cfg.logging.progress_bar is False
-    # The URLs name Services of this release, on their ports.
+    # The URL lists name Services of this release, on their ports: each pod of a pool by its
+    # headless Service (ordinals 0..replicas-1), or the router alone.
+    assert cfg.services.teacher_url is None and cfg.services.rollout_url is None
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
-    for url, component in ((cfg.services.teacher_url, "router" if VARIANTS[variant].get(
-            "router") else "teacher"), (cfg.services.rollout_url, "rollout")):
-        match = re.fullmatch(r"http://([a-z0-9.-]+):(\d+)", url)
-        assert match, url
-        host, port = match.group(1), int(match.group(2))
-        service = services[host.split(".")[-1]]
-        assert service["metadata"]["labels"]["app.kubernetes.io/component"] == component
-        assert port in {p["port"] for p in service["spec"]["ports"]}
-        if "." in host:  # a pod by its headless Service: pod 0 of the StatefulSet
-            sts = find(docs, "StatefulSet", host.split(".")[0].rsplit("-", 1)[0])
-            assert sts["spec"]["serviceName"] == service["metadata"]["name"]
-            assert service["spec"]["clusterIP"] == "None"
+    routed = bool(VARIANTS[variant].get("router"))
+    for urls, component in ((cfg.services.teacher_urls, "router" if routed else "teacher"),
+                            (cfg.services.rollout_urls, "rollout")):
+        assert urls and len(set(urls)) == len(urls), urls
+        for ordinal, url in enumerate(urls):
+            match = re.fullmatch(r"http://([a-z0-9.-]+):(\d+)", url)
+            assert match, url
+            host, port = match.group(1), int(match.group(2))
+            service = services[host.split(".")[-1]]
+            assert service["metadata"]["labels"]["app.kubernetes.io/component"] == component
+            assert port in {p["port"] for p in service["spec"]["ports"]}
+            if "." in host:  # a pod by its headless Service
+                pod, _ = host.split(".", 1)
+                sts = find(docs, "StatefulSet", pod.rsplit("-", 1)[0])
+                assert pod == f"{sts['metadata']['name']}-{ordinal}"
+                assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+                assert service["spec"]["clusterIP"] == "None"
+                assert len(urls) == sts["spec"]["replicas"]
+    # The init container waits for every replica of both pools.
+    init = trainer_job(docs)["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["command"][3:] == [*cfg.services.teacher_urls, *cfg.services.rollout_urls]
     assert cfg.student.model == "Qwen/Qwen2.5-1.5B-Instruct"
     assert cfg.teacher.model == "Qwen/Qwen2.5-Math-7B-Instruct"
     if variant == "everything":
@@ -415,8 +426,9 @@ def test_trainer_config_is_the_reference_example(tmp_path: Path) -> None:
 
     _, cfg = _command_config(render(), tmp_path)
     in_cluster = [f"run_dir={cfg.run_dir}",
-                  f"services.teacher_url={cfg.services.teacher_url}",
-                  f"services.rollout_url={cfg.services.rollout_url}",
+                  "services.teacher_url=null", "services.rollout_url=null",
+                  f"services.teacher_urls={json.dumps(cfg.services.teacher_urls)}",
+                  f"services.rollout_urls={json.dumps(cfg.services.rollout_urls)}",
                   "sync.method=load", f"sync.shared_dir={cfg.sync.shared_dir}",
                   f"logging.metrics_port={cfg.logging.metrics_port}",
                   "logging.progress_bar=false"]
@@ -468,15 +480,27 @@ def test_multi_node_trainer_is_an_indexed_job_with_c10d() -> None:
     assert parsed.training_script == "trainer"
 
 
-def test_replicas_from_values() -> None:
-    docs = render({"teacher": {"replicas": 3}})
+def test_replicas_from_values(tmp_path: Path) -> None:
+    docs = render({"teacher": {"replicas": 3}, "rollout": {"replicas": 2}})
     assert find(docs, "StatefulSet", f"{RELEASE}-teacher")["spec"]["replicas"] == 3
-    assert find(docs, "StatefulSet", f"{RELEASE}-rollout")["spec"]["replicas"] == 1
+    assert find(docs, "StatefulSet", f"{RELEASE}-rollout")["spec"]["replicas"] == 2
     for name in ("teacher", "rollout"):
         sts = find(docs, "StatefulSet", f"{RELEASE}-{name}")
         assert sts["spec"]["podManagementPolicy"] == "Parallel"
         assert find(docs, "Service", sts["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
-    assert "rollout_url" in render_fails({"rollout": {"replicas": 2}})
+    # The trainer lists every pod of both pools by its headless-Service DNS name.
+    _, cfg = _command_config(docs, tmp_path)
+    assert cfg.services.teacher_urls == [
+        f"http://{RELEASE}-teacher-{i}.{RELEASE}-teacher-headless:8001" for i in range(3)]
+    assert cfg.services.rollout_urls == [
+        f"http://{RELEASE}-rollout-{i}.{RELEASE}-rollout-headless:8002" for i in range(2)]
+    _, cfg = _command_config(render(), tmp_path)
+    assert (cfg.services.teacher_urls, cfg.services.rollout_urls) == (
+        [f"http://{RELEASE}-teacher-0.{RELEASE}-teacher-headless:8001"],
+        [f"http://{RELEASE}-rollout-0.{RELEASE}-rollout-headless:8002"])
+    assert "at least one teacher and one rollout replica" in render_fails(
+        {"rollout": {"replicas": 0}})
+    render({"rollout": {"replicas": 0}, "trainer": {"enabled": False}})  # scaled down, no trainer
 
 
 # =========================================================================== router
@@ -502,7 +526,7 @@ def test_router_in_front_of_the_teacher_pool(tmp_path: Path) -> None:
     assert "--policy=power_of_two" in args and "--health-check-endpoint=/ready" in args
     assert "--api-key=$(OPD_API_KEY)" in args and "OPD_API_KEY" in env(container(router))
     _, cfg = _command_config(docs, tmp_path)
-    assert cfg.services.teacher_url == f"http://{RELEASE}-router:8001"
+    assert cfg.services.teacher_urls == [f"http://{RELEASE}-router:8001"]  # not the pods
     assert "2 teacher replicas" in render_fails({"router": {"enabled": True}})
     render({"router": {"enabled": True, "policy": "round_robin"}})  # one teacher is fine then
     help_text = _router_help()

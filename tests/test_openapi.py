@@ -37,6 +37,10 @@ ROLLOUT = {
     ("get", "/v1/weights"): {"200", "503"},
     ("post", "/v1/weights/load"): {"200", "400", "403", "409", "413", "429", "503"},
     ("put", "/v1/weights"): {"200", "400", "409", "413", "429", "503"},
+    ("post", "/v1/weights/broadcast/init"): {"202", "400", "409", "413", "429", "501", "503"},
+    ("post", "/v1/weights/broadcast"): {"202", "400", "409", "413", "429", "501", "503"},
+    ("get", "/v1/weights/broadcast"): {"200", "400"},
+    ("delete", "/v1/weights/broadcast"): {"200", "400", "413", "429", "503"},
 }
 OPEN = {"/health", "/ready", "/metrics"}
 

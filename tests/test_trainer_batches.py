@@ -12,8 +12,13 @@ import pytest
 
 from services.protocol import RolloutItem, RolloutResponse, RolloutUsage
 from trainer.batches import BatchProducer, derive_seed, make_batch
+from trainer.clients import TokenScores
 from trainer.config import load_config
+from trainer.config_sections import TeacherContextConfig
 from trainer.data import Example, PromptSampler
+from trainer.teacher_context import TeacherContext
+
+NO_CONTEXT = TeacherContext(TeacherContextConfig(), [])
 
 
 class FakeServices:
@@ -51,8 +56,17 @@ class FakeServices:
             usage=RolloutUsage(prompt_tokens=0, completion_tokens=0),
         )
 
-    def _score(self, prompts, responses, **_) -> list[np.ndarray]:
-        return [np.full(len(r), -1.0, np.float32) for r in responses]
+    def _score(self, prompts, responses, *, top_k=0, **_) -> list[TokenScores]:
+        self.scored_prompts = [list(p) for p in prompts]
+        out = []
+        for r in responses:
+            lp = np.full(len(r), -1.0, np.float32)
+            if not top_k:
+                out.append(TokenScores(lp))
+                continue
+            ids = np.tile(np.arange(top_k, dtype=np.int64), (len(r), 1))
+            out.append(TokenScores(lp, ids, np.full((len(r), top_k), -3.0, np.float32)))
+        return out
 
 
 def _examples(n: int) -> list[Example]:
@@ -75,7 +89,7 @@ def test_make_batch_orders_grades_and_masks(mask_truncated: bool) -> None:
         ],
     )
     services = FakeServices()
-    batch = make_batch(cfg, services, 5, _examples(3), {"cursor": 0})  # type: ignore[arg-type]
+    batch = make_batch(cfg, services, 5, _examples(3), {"cursor": 0}, NO_CONTEXT)  # type: ignore[arg-type]
 
     # One request per 2 prompts, each seeded by (seed, step, its first prompt).
     assert sorted(services.seeds) == [derive_seed(7, 5, 0), derive_seed(7, 5, 2)]
@@ -96,8 +110,37 @@ def test_make_batch_orders_grades_and_masks(mask_truncated: bool) -> None:
 def test_producer_draws_prompts_in_step_order() -> None:
     cfg = load_config(None, ["student.model=s", "rollout.prompts_per_step=2"])
     sampler = PromptSampler(_examples(4), seed=0, shuffle=False, max_epochs=1)
-    producer = BatchProducer(cfg, FakeServices(), sampler, last_step=5, start_step=0)  # type: ignore[arg-type]
+    producer = BatchProducer(cfg, FakeServices(), sampler, 5, 0, NO_CONTEXT)  # type: ignore[arg-type]
     first = producer.get(1)
     assert first is not None and first.step == 1
     assert producer.get(2) is not None
     assert producer.get(3) is None  # 4 prompts, 2 per step, one epoch
+
+
+class FakeTokenizer:
+    """Chat template: every message becomes [len(content)], the generation prompt [0]."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return [len(m["content"]) for m in messages] + ([0] if add_generation_prompt else [])
+
+
+def test_teacher_context_prompts_and_top_k_reach_the_sequences() -> None:
+    cfg = load_config(
+        None,
+        [
+            "student.model=s",
+            "rollout.samples_per_prompt=2",
+            "algorithm.teacher_top_k=3",
+            "teacher.context.system=Teacher only.",
+        ],
+    )
+    context = TeacherContext(cfg.teacher.context, [], FakeTokenizer())
+    services = FakeServices()
+    batch = make_batch(cfg, services, 1, _examples(2), {}, context)  # type: ignore[arg-type]
+    # The teacher sees its own prompt (its system prompt, then the user turn), not [1, 2].
+    want = context.prompt_ids(_examples(2)[0], [1, 2])
+    assert want[0] == len("Teacher only.") and want[-1] == 0
+    assert services.scored_prompts[0] == want
+    seq = batch.sequences[0]
+    assert seq.teacher_top_ids is not None and seq.teacher_top_ids.shape == (3, 3)
+    np.testing.assert_array_equal(seq.teacher_top_logprobs, np.full((3, 3), -3.0))

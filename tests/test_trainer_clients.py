@@ -176,8 +176,9 @@ def test_teacher_score_sends_ids_with_start_and_decodes_base64() -> None:
     out = teacher.score(
         prompts, responses, temperature=1.0, sequences_per_request=2, max_concurrency=2
     )
-    assert [len(x) for x in out] == [2, 0, 3, 1]
-    np.testing.assert_allclose(out[2], [-0.1, -0.2, -0.3], rtol=1e-6)
+    assert [len(x.logprobs) for x in out] == [2, 0, 3, 1]
+    assert all(x.top_ids is None for x in out)  # top_k 0: no alternatives asked for
+    np.testing.assert_allclose(out[2].logprobs, [-0.1, -0.2, -0.3], rtol=1e-6)
     sent = [s for body in seen for s in body["sequences"]]
     assert {tuple(s["token_ids"]): s["start"] for s in sent} == {
         (1, 2, 3, 9, 9): 3,
@@ -185,6 +186,57 @@ def test_teacher_score_sends_ids_with_start_and_decodes_base64() -> None:
         (7, 8, 1): 2,
     }
     assert len(seen) == 2  # the empty response is not sent; 3 sequences in chunks of 2
+
+
+def test_teacher_score_returns_the_top_k_it_asked_for() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        assert body["top_k"] == 2
+        data = []
+        for i, seq in enumerate(body["sequences"]):
+            n = len(seq["token_ids"]) - seq["start"]
+            data.append(
+                {
+                    "index": i,
+                    "start": seq["start"],
+                    "token_ids": seq["token_ids"],
+                    "logprobs": [-1.0] * n,
+                    "top_token_ids": [[3, 4]] * n,
+                    "top_logprobs": [[-0.5, -1.5]] * n,
+                }
+            )
+        return httpx.Response(
+            200,
+            json={"model": "t", "data": data, "usage": {"prompt_tokens": 0, "scored_tokens": 0}},
+        )
+
+    teacher = TeacherClient("teacher", "http://fake", transport=httpx.MockTransport(handler))
+    (a, b) = teacher.score([[1], [2]], [[5, 6, 7], []], temperature=1.0, top_k=2)
+    assert a.top_ids is not None and a.top_ids.shape == (3, 2) and a.top_ids.dtype == np.int64
+    np.testing.assert_array_equal(a.top_logprobs, [[-0.5, -1.5]] * 3)
+    assert b.top_ids is not None and b.top_ids.shape == (0, 2)  # empty: not sent, still shaped
+
+    def short(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        return httpx.Response(
+            200,
+            json={
+                "model": "t",
+                "usage": {"prompt_tokens": 0, "scored_tokens": 0},
+                "data": [
+                    {
+                        "index": 0,
+                        "start": 1,
+                        "token_ids": body["sequences"][0]["token_ids"],
+                        "logprobs": [-1.0],
+                    }
+                ],  # no top-k although asked
+            },
+        )
+
+    teacher = TeacherClient("teacher", "http://fake", transport=httpx.MockTransport(short))
+    with pytest.raises(ServiceError, match="top_k 2"):
+        teacher.score([[1]], [[5]], temperature=1.0, top_k=2)
 
 
 class FakeRollout:

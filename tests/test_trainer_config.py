@@ -56,6 +56,29 @@ def test_reference_configs_match_the_issue() -> None:
     assert jsd.algorithm.algorithm == "jsd" and jsd.algorithm.lambda_coef == 0.5
 
 
+def test_privileged_information_config_is_the_reference_recipe_plus_the_context() -> None:
+    opd = load_config(EXAMPLES / "opd_gsm8k.yaml")
+    pi = load_config(EXAMPLES / "opd_gsm8k_privileged.yaml")
+    assert pi.teacher.context.reference_solution and pi.teacher.context.few_shot == 0
+    assert pi.algorithm.teacher_top_k == 16 and pi.algorithm.top_k_beta == 0.0
+    assert pi.trainer.max_model_len == 3072
+    same = ("student", "rollout")
+    for section in same:
+        assert getattr(pi, section) == getattr(opd, section), section
+    assert pi.trainer.lr == opd.trainer.lr and pi.teacher.model == opd.teacher.model
+
+
+def test_top_k_and_context_keys_are_validated() -> None:
+    with pytest.raises(ConfigError, match="algorithm.teacher_top_k"):
+        load_config(None, [*MINIMAL, "algorithm.teacher_top_k=-1"])
+    with pytest.raises(ConfigError, match="algorithm.top_k_beta"):
+        load_config(None, [*MINIMAL, "algorithm.top_k_beta=1.5"])
+    with pytest.raises(ConfigError, match="teacher.context.few_shots"):
+        load_config(None, [*MINIMAL, "teacher.context.few_shots=2"])
+    with pytest.raises(ConfigError, match="teacher.context.few_shot"):
+        load_config(None, [*MINIMAL, "teacher.context.few_shot=-2"])
+
+
 def test_overrides_are_yaml_parsed_and_nested() -> None:
     cfg = load_config(
         EXAMPLES / "opd_gsm8k.yaml",

@@ -86,7 +86,8 @@ def test_policy_logprobs_equal_full_logprobs_values_and_grads(student, temperatu
 
     model.zero_grad()
     mb = collate(seqs, torch.device("cpu"))
-    logp = micro_batch_logprobs(policy, mb, temperature)
+    logp, k_logp = micro_batch_logprobs(policy, mb, temperature)
+    assert k_logp is None  # no teacher top-k in these sequences
     chunked = [logp[i, : len(s.response_ids)] for i, s in enumerate(seqs)]
     weights = [torch.randn(len(s.response_ids)) for s in seqs]
     sum(torch.dot(w, c) for w, c in zip(weights, chunked, strict=True)).backward()
@@ -120,8 +121,9 @@ def test_micro_batches_give_the_full_batch_gradient(student, aggregation: str) -
         model.zero_grad()
         plan = plan_micro_batches([s.length for s in train], budget)
         mbs = [collate([train[i] for i in idx], torch.device("cpu")) for idx in plan]
-        sums = forward_backward(policy, mbs, cfg, temperature=1.0, **totals)
-        assert sums is not None
+        out = forward_backward(policy, mbs, cfg, temperature=1.0, **totals)
+        assert out is not None
+        sums, _ = out
         return (
             {n: p.grad.clone() for n, p in model.named_parameters()},
             float(sums.pg_loss),
@@ -172,3 +174,77 @@ def test_export_state_dict_casts_and_drops_tied_head(student) -> None:
         assert "lm_head.weight" not in export_state_dict(model.state_dict(), model, torch.float32)
     finally:
         model.config.tie_word_embeddings = False
+
+
+def _with_top_k(seqs: list[TrainSequence], vocab: int, k: int, seed: int) -> list[TrainSequence]:
+    """The same sequences carrying a made-up teacher top-k (distinct ids, a proper mass)."""
+    rng = np.random.default_rng(seed)
+    for s in seqs:
+        r = len(s.response_ids)
+        s.teacher_top_ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(r)])
+        p = rng.dirichlet(np.ones(k + 1), size=r)[:, :k] if r else np.zeros((0, k))
+        s.teacher_top_logprobs = np.log(p).astype(np.float32).reshape(r, k)
+    return seqs
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_top_k_term_equals_the_full_vocabulary_computation(student, beta: float) -> None:
+    """The loss with ``teacher_top_k``: the policy loss plus ``coef * D_beta`` of the student's
+    logprobs at the teacher's ids, taken from full logits here, values and gradients; and
+    micro-batching still gives the full-batch gradient."""
+    from trainer.kernels.topk_divergence import reference_topk_divergence
+
+    model, _ = student
+    vocab = model.config.vocab_size
+    policy = PolicyModel(model, chunk_tokens=5)
+    train = [s for s in _random_sequences(6, vocab, seed=3) if s.trainable]
+    train = _with_top_k(train, vocab, k=4, seed=4)
+    cfg = LossConfig(teacher_top_k=4, top_k_beta=beta, top_k_coef=0.7)
+    n_tok = float(sum(len(s.response_ids) for s in train))
+
+    def grads(budget: int) -> tuple[dict[str, torch.Tensor], float]:
+        model.zero_grad()
+        plan = plan_micro_batches([s.length for s in train], budget)
+        mbs = [collate([train[i] for i in idx], torch.device("cpu")) for idx in plan]
+        out = forward_backward(
+            policy, mbs, cfg, temperature=1.0, total_tokens=n_tok, total_seqs=len(train)
+        )
+        assert out is not None
+        _, topk_sums = out
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, float(topk_sums.divergence)
+
+    full, div_full = grads(10_000)
+    micro, div_micro = grads(30)
+    assert div_full == pytest.approx(div_micro, rel=1e-5)
+    for name in full:
+        torch.testing.assert_close(micro[name], full[name], atol=1e-6, rtol=1e-4, msg=name)
+
+    # The reference: full logits, the policy loss, plus the divergence at the teacher's ids.
+    from trainer.algorithms import reference_loss
+
+    model.zero_grad()
+    total = 0.0
+    divs = []
+    for s in train:
+        ids = torch.tensor(np.concatenate([s.prompt_ids, s.response_ids]))[None]
+        logp_all = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        rows = logp_all[p - 1 : p - 1 + r]
+        logp = rows.gather(1, ids[0, p : p + r, None])[:, 0]
+        pg, _ = reference_loss(
+            logp[None],
+            torch.from_numpy(s.behaviour_logprobs)[None],
+            torch.from_numpy(s.teacher_logprobs)[None],
+            torch.ones(1, r, dtype=torch.bool),
+            cfg,
+            total_tokens=n_tok,
+            total_seqs=len(train),
+        )
+        k_logp = rows.gather(1, torch.from_numpy(s.teacher_top_ids))
+        div = reference_topk_divergence(k_logp, torch.from_numpy(s.teacher_top_logprobs), beta)
+        divs.append(div.divergence.detach())
+        total = total + pg + 0.7 * div.divergence.sum() / n_tok
+    total.backward()  # type: ignore[union-attr]
+    assert div_full == pytest.approx(float(torch.cat(divs).sum()), rel=1e-4)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(full[name], p.grad, atol=2e-5, rtol=1e-4, msg=name)

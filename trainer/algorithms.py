@@ -54,41 +54,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import TypeVar
 
-import pydantic
 import torch
 from torch import Tensor
 
-Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+from trainer.config_sections import Aggregation, LossConfig
 
 #: Log-ratio clamp of docs/design.md §4: ``r = exp(clamp(logp - s, -LOG_RATIO_CLAMP, +LOG_RATIO_CLAMP))``.
 LOG_RATIO_CLAMP = 20.0
-
-
-class LossConfig(pydantic.BaseModel):
-    """Scalars of the OPD loss (docs/design.md §4). Immutable."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-
-    #: advantage: reverse KL ``c (tau - s)`` or generalized JSD ``-c j_t``, for ``0 < b < 1``
-    #: with ``j_t = s - log M`` (the exact policy gradient, not Trinity-RFT's single-sample
-    #: cost; see docs/trainer.md)
-    algorithm: Literal["on_policy_distill", "jsd"] = "on_policy_distill"
-    #: ``c``: scale of the advantage.
-    kl_coef: float = pydantic.Field(1.0, allow_inf_nan=False)
-    #: ``b``: teacher weight of the JSD mixture ``M = b*teacher + (1-b)*student``.
-    lambda_coef: float = pydantic.Field(0.5, ge=0.0, le=1.0)
-    loss: Literal["ppo", "importance_sampling"] = "ppo"
-    #: ``e``: PPO clip range, ratio clipped to ``[1-e, 1+e]``.
-    clip_eps: float = pydantic.Field(0.2, gt=0.0, lt=1.0)
-    #: ``C``: dual-clip bound for negative advantages; must exceed ``1 + clip_eps`` to matter.
-    dual_clip: float = pydantic.Field(3.0, gt=1.0, allow_inf_nan=False)
-    aggregation: Aggregation = "token-mean"
-    #: run ``algorithm: jsd`` with ``lambda_coef: 1`` anyway. Its cost is ``j_t = tau - s``, so
-    #: the advantage ``c (s - tau)`` rewards moving *away* from the teacher; without this flag
-    #: the config refuses it (use ``on_policy_distill``, advantage ``c (tau - s)``, to distill)
-    allow_anti_distillation: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,8 +220,40 @@ def reference_loss(
 # metrics
 
 
+class AdditiveSums:
+    """Base of frozen dataclasses of 0-dim tensor sums: ``+`` adds field by field (and the
+    builtin ``sum`` works), :meth:`as_tensor` / :meth:`from_tensor` pack them into one vector
+    for a single ``all_reduce``."""
+
+    def __add__(self: _S, other: _S) -> _S:
+        return type(self)(*(getattr(self, f) + getattr(other, f) for f in self.field_names()))
+
+    def __radd__(self: _S, other: object) -> _S:
+        # Lets the builtin ``sum(parts)`` start from its integer 0.
+        if other == 0:
+            return self
+        return NotImplemented  # type: ignore[return-value]
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The field names, in order (the order of :meth:`as_tensor`)."""
+        return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+    def as_tensor(self) -> Tensor:
+        """All fields stacked into one float32 vector, e.g. for a single ``all_reduce``."""
+        return torch.stack([getattr(self, f).to(torch.float32) for f in self.field_names()])
+
+    @classmethod
+    def from_tensor(cls: type[_S], vec: Tensor) -> _S:
+        """Inverse of :meth:`as_tensor`."""
+        return cls(*vec.unbind(0))
+
+
+_S = TypeVar("_S", bound=AdditiveSums)
+
+
 @dataclasses.dataclass(frozen=True)
-class LossSums:
+class LossSums(AdditiveSums):
     """Additive metric sums of one loss call; add the parts of a micro-batched step with ``+``.
 
     Every field is a float32 0-dim tensor on the loss's device (kept on device so the training
@@ -277,29 +283,6 @@ class LossSums:
     jsd: Tensor
     adv: Tensor
     adv_sq: Tensor
-
-    def __add__(self, other: LossSums) -> LossSums:
-        return LossSums(*(getattr(self, f) + getattr(other, f) for f in self.field_names()))
-
-    def __radd__(self, other: object) -> LossSums:
-        # Lets the builtin ``sum(parts)`` start from its integer 0.
-        if other == 0:
-            return self
-        return NotImplemented  # type: ignore[return-value]
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        """The field names, in order (the order of :meth:`as_tensor`)."""
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    def as_tensor(self) -> Tensor:
-        """All fields stacked into one float32 vector, e.g. for a single ``all_reduce``."""
-        return torch.stack([getattr(self, f).to(torch.float32) for f in self.field_names()])
-
-    @classmethod
-    def from_tensor(cls, vec: Tensor) -> LossSums:
-        """Inverse of :meth:`as_tensor`."""
-        return cls(*vec.unbind(0))
 
 
 def finalize_metrics(sums: LossSums | Sequence[LossSums] | Iterable[LossSums]) -> dict[str, float]:

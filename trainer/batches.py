@@ -3,7 +3,8 @@
 :func:`make_batch` is the data half of a step, in three calls::
 
     rollouts = sample_rollouts(...)   # POST /v1/rollouts, one request per prompts_per_request
-    tau      = score_rollouts(...)    # POST /v1/score of exactly those tokens
+    scores   = score_rollouts(...)    # POST /v1/score of exactly those tokens, after the
+                                      # teacher's prompt (teacher.context)
     batch    = Batch(build_sequences(...), rollout_metrics(...), ...)   # grading is a metric only
 
 Each request's seed is fixed by ``(seed, step, first prompt)``, so a resumed run samples the
@@ -27,12 +28,13 @@ from typing import Any
 import numpy as np
 
 from services.protocol import RolloutItem
-from trainer.clients import TeacherClient, map_concurrently, rollout_item_arrays
+from trainer.clients import TeacherClient, TokenScores, map_concurrently, rollout_item_arrays
 from trainer.config import TrainConfig
 from trainer.connections import Services
 from trainer.data import Example, PromptSampler, build_messages
-from trainer.grading import Grade, grade
+from trainer.grading import Grade, grade, is_degenerate
 from trainer.policy import TrainSequence
+from trainer.teacher_context import TeacherContext
 from trainer.timing import timed
 
 __all__ = [
@@ -118,29 +120,46 @@ def sample_rollouts(
 
 
 def score_rollouts(
-    cfg: TrainConfig, teacher: TeacherClient, rollouts: Sequence[Rollout]
-) -> list[np.ndarray]:
-    """``tau``: the teacher's logprob of every sampled token (one array per rollout)."""
+    cfg: TrainConfig,
+    teacher: TeacherClient,
+    rollouts: Sequence[Rollout],
+    examples: Sequence[Example],
+    context: TeacherContext,
+) -> list[TokenScores]:
+    """The teacher's scores of every sampled token (and its top-k with
+    ``algorithm.teacher_top_k``), each response after the teacher's prompt for its problem."""
     return teacher.score(
-        [x.prompt_ids for x in rollouts],
+        [context.prompt_ids(examples[x.prompt_index], x.prompt_ids) for x in rollouts],
         [x.response_ids for x in rollouts],
         temperature=cfg.teacher_temperature,
+        top_k=cfg.algorithm.teacher_top_k,
         sequences_per_request=cfg.teacher.sequences_per_request,
         max_concurrency=cfg.services.max_concurrency,
     )
 
 
 def build_sequences(
-    cfg: TrainConfig, rollouts: Sequence[Rollout], tau: Sequence[np.ndarray]
+    cfg: TrainConfig, rollouts: Sequence[Rollout], scores: Sequence[TokenScores]
 ) -> list[TrainSequence]:
     """One :class:`TrainSequence` per rollout. Left out of the loss (``trainable=False``):
     empty responses, non-finite logprobs, and truncated ones with ``rollout.mask_truncated``."""
     out = []
-    for x, t in zip(rollouts, tau, strict=True):
+    for x, sc in zip(rollouts, scores, strict=True):
+        t = sc.logprobs
         finite = bool(np.isfinite(x.logprobs).all() and np.isfinite(t).all())
         truncated = cfg.rollout.mask_truncated and x.item.finish_reason == "length"
         trainable = len(x.response_ids) > 0 and finite and not truncated
-        out.append(TrainSequence(x.prompt_ids, x.response_ids, x.logprobs, t, trainable=trainable))
+        out.append(
+            TrainSequence(
+                x.prompt_ids,
+                x.response_ids,
+                x.logprobs,
+                t,
+                trainable=trainable,
+                teacher_top_ids=sc.top_ids,
+                teacher_top_logprobs=sc.top_logprobs,
+            )
+        )
     return out
 
 
@@ -160,6 +179,8 @@ def rollout_metrics(
     return {
         "rollout/accuracy/mean": sum(g.correct for g in grades) / n,
         "rollout/format_rate": sum(g.formatted for g in grades) / n,
+        "rollout/answer_rate": sum(g.has_answer for g in grades) / n,
+        "rollout/degenerate_frac": sum(is_degenerate(x.item.text) for x in rollouts) / n,
         "rollout/response_length/mean": sum(lengths) / n,
         "rollout/response_length/max": float(max(lengths, default=0)),
         "rollout/prompt_length/mean": sum(len(x.prompt_ids) for x in rollouts) / n,
@@ -205,15 +226,16 @@ def make_batch(
     step: int,
     examples: Sequence[Example],
     sampler_state: dict[str, Any],
+    context: TeacherContext,
 ) -> Batch:
     """Sample, score and grade one step's prompts (rank 0; may run in a background thread)."""
     timing: dict[str, float] = {}
     with timed("rollout", timing):
         rollouts = sample_rollouts(cfg, services, step, examples)
     with timed("score", timing):
-        tau = score_rollouts(cfg, services.teacher, rollouts)
+        scores = score_rollouts(cfg, services.teacher, rollouts, examples, context)
     grades = [grade(x.item.text, examples[x.prompt_index].ground_truth) for x in rollouts]
-    sequences = build_sequences(cfg, rollouts, tau)
+    sequences = build_sequences(cfg, rollouts, scores)
     metrics = rollout_metrics(rollouts, grades, sequences, len(examples)) | timing
     if metrics["rollout/nonfinite_frac"] > 0:
         log.warning(
@@ -265,8 +287,10 @@ class BatchProducer:
         sampler: PromptSampler,
         last_step: int,
         start_step: int,
+        context: TeacherContext,
     ):
         self.cfg = cfg
+        self.context = context
         self.services = services
         self.sampler = sampler
         self.last_step = last_step
@@ -284,7 +308,7 @@ class BatchProducer:
         examples = self.sampler.next_batch(self.cfg.rollout.prompts_per_step)
 
         def job() -> Batch:
-            return make_batch(self.cfg, self.services, step, examples, state)
+            return make_batch(self.cfg, self.services, step, examples, state, self.context)
 
         ahead = self.cfg.sync.max_staleness > 0
         self._queue.append((step, state, _in_thread(job) if ahead else job))

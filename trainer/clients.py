@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import httpx
 import numpy as np
@@ -33,6 +33,7 @@ from services.protocol import (
     RolloutItem,
     RolloutRequest,
     RolloutResponse,
+    ScoreItem,
     ScoreRequest,
     ScoreResponse,
     ScoreSequence,
@@ -48,6 +49,7 @@ __all__ = [
     "ServiceError",
     "ServiceUnavailable",
     "TeacherClient",
+    "TokenScores",
     "map_concurrently",
     "rollout_item_arrays",
 ]
@@ -262,6 +264,27 @@ class ServiceClient:
             ) from None
         return self.info()
 
+    def probe_ready(self, timeout_s: float = 5.0) -> str | None:
+        """One ``GET /ready`` without retries: None when it answers 200, else what went wrong
+        (for a replica pool deciding whether to take a replica back)."""
+        try:
+            resp = self._http.get("/ready", timeout=timeout_s)
+        except httpx.TransportError as exc:
+            return f"/ready: {type(exc).__name__}: {exc}"
+        if resp.status_code == 200:
+            return None
+        return f"/ready answered {resp.status_code}: {_error_message(resp)}"
+
+
+class TokenScores(NamedTuple):
+    """The teacher's scores of one response: ``logprobs [R]`` of the sampled tokens and, when
+    asked for (``top_k > 0``), its ``top_k`` most likely tokens at each position
+    (``top_ids [R, K]`` int64, ``top_logprobs [R, K]`` float32, in rank order)."""
+
+    logprobs: np.ndarray
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+
 
 class TeacherClient(ServiceClient):
     """The teacher: ``POST /v1/score`` of token-id sequences."""
@@ -272,24 +295,26 @@ class TeacherClient(ServiceClient):
         responses: Sequence[Sequence[int]],
         *,
         temperature: float,
+        top_k: int = 0,
         sequences_per_request: int = 64,
         max_concurrency: int = 8,
-    ) -> list[np.ndarray]:
+    ) -> list[TokenScores]:
         """Teacher logprob of every response token given the prompt and earlier tokens.
 
         Sequence ``i`` is sent as ``token_ids = prompts[i] + responses[i]`` with
-        ``start = len(prompts[i])``; the answer is float32 ``[len(responses[i])]``. Empty
-        responses are not sent (their answer is an empty array).
+        ``start = len(prompts[i])``; the answer's ``logprobs`` are float32
+        ``[len(responses[i])]``. Empty responses are not sent (their answer is empty).
         """
         if len(prompts) != len(responses):
             raise ValueError("prompts and responses must have the same length")
-        out: list[np.ndarray] = [np.zeros(0, np.float32) for _ in responses]
+        out = [_empty_scores(top_k) for _ in responses]
         todo = [i for i, r in enumerate(responses) if len(r) > 0]
         chunks = [
             todo[k : k + sequences_per_request] for k in range(0, len(todo), sequences_per_request)
         ]
+        url = f"{self.base_url}/v1/score"
 
-        def one(chunk: list[int]) -> list[np.ndarray]:
+        def one(chunk: list[int]) -> list[TokenScores]:
             body = ScoreRequest(
                 sequences=[
                     ScoreSequence(
@@ -299,32 +324,71 @@ class TeacherClient(ServiceClient):
                     for i in chunk
                 ],
                 temperature=temperature,
+                top_k=top_k,
                 encoding="base64",
             )
             answer = ScoreResponse.model_validate(
                 self.post_json("/v1/score", body.model_dump(mode="json", exclude_none=True))
             )
-            got: list[np.ndarray | None] = [None] * len(chunk)
+            got: list[TokenScores | None] = [None] * len(chunk)
             for item in answer.data:
-                got[item.index] = decode_array(item.logprobs).astype(np.float32, copy=False)
+                if 0 <= item.index < len(chunk):
+                    got[item.index] = _item_scores(item, top_k)
             for j, i in enumerate(chunk):
-                if got[j] is None or len(got[j]) != len(responses[i]):  # type: ignore[arg-type]
+                scores = got[j]
+                n = len(responses[i])
+                if scores is None or not _shaped(scores, n, top_k):
+                    shape = None if scores is None else _shape_of(scores)
                     raise ServiceError(
                         self.name,
                         "POST",
-                        f"{self.base_url}/v1/score",
+                        url,
                         200,
-                        f"sequence {j}: expected {len(responses[i])} logprobs, got "
-                        f"{None if got[j] is None else len(got[j])}",  # type: ignore[arg-type]
+                        f"sequence {j}: expected scores of {n} tokens (top_k {top_k}), got {shape}",
                     )
             return got  # type: ignore[return-value]
 
         for chunk, result in zip(
             chunks, map_concurrently(one, chunks, max_concurrency), strict=True
         ):
-            for i, lp in zip(chunk, result, strict=True):
-                out[i] = lp
+            for i, scores in zip(chunk, result, strict=True):
+                out[i] = scores
         return out
+
+
+def _empty_scores(top_k: int) -> TokenScores:
+    if not top_k:
+        return TokenScores(np.zeros(0, np.float32))
+    return TokenScores(
+        np.zeros(0, np.float32), np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32)
+    )
+
+
+def _item_scores(item: ScoreItem, top_k: int) -> TokenScores:
+    logprobs = decode_array(item.logprobs).astype(np.float32, copy=False).reshape(-1)
+    if not top_k or item.top_token_ids is None or item.top_logprobs is None:
+        return TokenScores(logprobs)
+    ids = decode_array(item.top_token_ids).astype(np.int64, copy=False)
+    lps = decode_array(item.top_logprobs).astype(np.float32, copy=False)
+    return TokenScores(logprobs, ids.reshape(-1, top_k), lps.reshape(-1, top_k))
+
+
+def _shaped(scores: TokenScores, n: int, top_k: int) -> bool:
+    if len(scores.logprobs) != n:
+        return False
+    if not top_k:
+        return True
+    return (
+        scores.top_ids is not None
+        and scores.top_logprobs is not None
+        and scores.top_ids.shape == (n, top_k)
+        and scores.top_logprobs.shape == (n, top_k)
+    )
+
+
+def _shape_of(scores: TokenScores) -> str:
+    top = None if scores.top_ids is None else tuple(scores.top_ids.shape)
+    return f"{len(scores.logprobs)} logprobs, top-k {top}"
 
 
 class RolloutClient(ServiceClient):

@@ -18,12 +18,26 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from trainer.algorithms import LossConfig
+from trainer.config_sections import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LoggingConfig,
+    LossConfig,
+    RolloutConfig,
+    Section,
+    ServicesConfig,
+    StudentConfig,
+    SyncConfig,
+    TeacherConfig,
+    TeacherContextConfig,
+    TrainerConfig,
+)
 
 __all__ = [
     "CheckpointConfig",
@@ -31,11 +45,13 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "LoggingConfig",
+    "LossConfig",
     "RolloutConfig",
     "ServicesConfig",
     "StudentConfig",
     "SyncConfig",
     "TeacherConfig",
+    "TeacherContextConfig",
     "TrainConfig",
     "TrainerConfig",
     "apply_overrides",
@@ -47,251 +63,6 @@ __all__ = [
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names every offending dotted key."""
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-# --------------------------------------------------------------------------------- sections
-
-
-class StudentConfig(Section):
-    """The trainable student model (loaded by the trainer with transformers)."""
-
-    model: str = Field(description="hub id or local path of the student checkpoint")
-    tokenizer: str | None = Field(None, description="tokenizer path or id; default: `model`")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32",
-        description="dtype of the trained (master) parameters and the optimizer state. Keep "
-        "float32: at lr 1e-5 most bf16 updates would round away",
-    )
-    autocast_dtype: Literal["bfloat16", "float16"] | None = Field(
-        None,
-        description="run the forward/backward under torch.autocast in this dtype (GPU); the "
-        "log-softmax of the vocabulary projection stays float32",
-    )
-    device: str = Field(
-        "auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'"
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="recompute decoder-layer activations in the backward (saves memory)"
-    )
-    logprob_chunk_tokens: int = Field(
-        1024,
-        ge=1,
-        description="response tokens projected to the vocabulary at once when computing the "
-        "logprobs of the sampled tokens; full [tokens, vocab] float32 logits never exist",
-    )
-    attn_implementation: str | None = Field(
-        "sdpa", description="transformers attention implementation ('sdpa', 'eager', ...)"
-    )
-    trust_remote_code: bool = Field(False, description="allow custom model code from the hub")
-
-
-class TeacherConfig(Section):
-    """How the teacher service scores the student's tokens."""
-
-    model: str | None = Field(
-        None,
-        description="the model the teacher service must serve, checked against its /info "
-        "(model or served name; a local path matches a hub id by its last component); "
-        "null: not checked",
-    )
-    temperature: float | None = Field(
-        None, gt=0.0, description="scoring temperature (logits / T); null: `rollout.temperature`"
-    )
-    sequences_per_request: int = Field(
-        64, ge=1, description="sequences per POST /v1/score (requests run concurrently)"
-    )
-
-
-class RolloutConfig(Section):
-    """What the student samples each step (through the rollout service)."""
-
-    prompts_per_step: int = Field(96, ge=1, description="GSM8K prompts drawn per step")
-    samples_per_prompt: int = Field(8, ge=1, description="samples (n) per prompt")
-    max_tokens: int = Field(1024, ge=1, description="response tokens at most per sample")
-    temperature: float = Field(
-        1.0,
-        gt=0.0,
-        description="sampling temperature; the trainer computes its logprobs as "
-        "log_softmax(logits / T) so the PPO ratio is 1 before the first update. No top-p/top-k: "
-        "the trainer's logprobs are those of the full tempered distribution",
-    )
-    prompts_per_request: int = Field(
-        8,
-        ge=1,
-        description="prompts per POST /v1/rollouts (requests run concurrently; each gets a "
-        "seed derived from (seed, step, index of its first prompt))",
-    )
-    mask_truncated: bool = Field(
-        False,
-        description="drop responses cut at max_tokens (finish_reason 'length') from the loss. "
-        "Off by default: a truncated response's per-token reverse KL is still exact",
-    )
-
-
-class TrainerConfig(Section):
-    """Optimisation: AdamW, schedule, clipping, micro-batching, length of the run."""
-
-    lr: float = Field(1e-5, gt=0.0, description="AdamW learning rate (peak, after warm-up)")
-    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
-    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon")
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="learning-rate schedule after warm-up (decays to 0 at the end)"
-    )
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps from 0 to `lr`")
-    grad_clip: float | None = Field(
-        1.0, gt=0.0, description="clip the global gradient norm to this; null: no clipping"
-    )
-    max_model_len: int = Field(
-        2048, ge=2, description="longest prompt + response; longer prompts are dropped at load"
-    )
-    micro_batch_tokens: int = Field(
-        16384,
-        ge=2,
-        description="padded tokens (sequences x longest length) per forward/backward; "
-        "sequences are bucketed by length. Must hold one max_model_len sequence",
-    )
-    epochs: int = Field(1, ge=1, description="passes over the training prompts")
-    total_steps: int | None = Field(
-        None, ge=1, description="stop after this many steps; null: when `epochs` are done"
-    )
-    loss_backend: Literal["auto", "triton", "torch"] = Field(
-        "auto", description="opd_loss backend: auto = Triton on CUDA, torch elsewhere"
-    )
-
-
-class SyncConfig(Section):
-    """How new student weights reach the rollout service, and how stale a batch may be."""
-
-    method: Literal["auto", "load", "upload"] = Field(
-        "auto",
-        description="'load': write safetensors into `shared_dir` and POST /v1/weights/load "
-        "(both sides see the same disk); 'upload': PUT /v1/weights with the file as body; "
-        "'auto': load when `shared_dir` is set and the service accepts it, else upload",
-    )
-    shared_dir: str | None = Field(
-        None,
-        description="trainer-side directory inside the rollout service's --weights-dir "
-        "(needed for 'load')",
-    )
-    service_dir: str | None = Field(
-        None,
-        description="the same directory as the rollout service sees it (containers); "
-        "default: `shared_dir`",
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto",
-        description="dtype of pushed weights; 'auto': the dtype the student checkpoint was "
-        "saved in (what the rollout service validates updates against)",
-    )
-    max_staleness: int = Field(
-        0,
-        ge=0,
-        description="0: strictly on-policy (generate, then train). K >= 1: up to K batches are "
-        "generated ahead while the current one trains (policy/staleness <= K)",
-    )
-
-
-class DataConfig(Section):
-    """Where the GSM8K prompts come from."""
-
-    source: str | None = Field(
-        None,
-        description="directory with train.jsonl/test.jsonl, a .jsonl/.parquet file, a hub "
-        "id, or 'bundled' (the GSM8K subset shipped with the package: 1,000 train and 200 "
-        "test problems); null: $OPD_DATA_DIR, then the hub's openai/gsm8k",
-    )
-    train_limit: int | None = Field(
-        None, ge=1, description="use only the first N training problems"
-    )
-    shuffle: bool = Field(True, description="reshuffle the prompts every epoch (seeded)")
-
-
-class EvalConfig(Section):
-    """Greedy GSM8K test accuracy through the rollout service."""
-
-    interval: int = Field(
-        0, ge=0, description="evaluate every N steps (0: only at start/end as set below)"
-    )
-    at_start: bool = Field(True, description="evaluate the initial weights (logged at step 0)")
-    at_end: bool = Field(True, description="evaluate after the last step")
-    limit: int | None = Field(None, ge=1, description="first N test problems; null: all 1319")
-    max_tokens: int = Field(1024, ge=1, description="response tokens at most (greedy)")
-    prompts_per_request: int = Field(32, ge=1, description="prompts per POST /v1/rollouts")
-    kl_prompts: int = Field(
-        0,
-        ge=0,
-        description="also measure eval/reverse_kl: sample on the first N test prompts at "
-        "`rollout.temperature`, score with the teacher, mean per-token (s - tau). 0: off",
-    )
-    kl_samples_per_prompt: int = Field(
-        4, ge=1, description="samples per prompt for eval/reverse_kl"
-    )
-
-
-class CheckpointConfig(Section):
-    """Atomic, resumable checkpoints under RUN_DIR/checkpoints/step-NNNNNN."""
-
-    interval: int = Field(
-        50, ge=0, description="save every N steps (0: only at the end, when `at_end`)"
-    )
-    at_end: bool = Field(True, description="save after the last step")
-    keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are deleted")
-    save_optimizer: bool = Field(
-        True, description="include the optimizer state (needed for an exact resume)"
-    )
-
-
-class LoggingConfig(Section):
-    """Metrics sinks: RUN_DIR/metrics.jsonl always; TensorBoard, Prometheus, progress bar."""
-
-    metrics_port: int = Field(
-        8003, ge=0, le=65535, description="Prometheus /metrics port of the trainer; 0: off"
-    )
-    metrics_host: str = Field("0.0.0.0", description="address the metrics server binds")
-    tensorboard: bool = Field(
-        True, description="also write TensorBoard events to RUN_DIR/tensorboard (if installed)"
-    )
-    progress_bar: bool = Field(True, description="live tqdm progress bar with the key numbers")
-    samples_per_step: int = Field(
-        2, ge=0, description="responses per step written to RUN_DIR/samples.jsonl"
-    )
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
-
-
-class ServicesConfig(Section):
-    """Where the teacher and rollout services are, and how to talk to them."""
-
-    teacher_url: str = Field("http://localhost:8001", description="teacher service base URL")
-    rollout_url: str = Field("http://localhost:8002", description="rollout service base URL")
-    api_key_env: str = Field(
-        "OPD_API_KEY",
-        description="environment variable holding the services' API key (sent as Bearer); "
-        "unset or empty: no key. The key itself never goes into a config file",
-    )
-    # Field runs shaped like TrainerConfig's only: each section declares its own knobs.
-    request_timeout_s: float = Field(
-        900.0, gt=0.0, description="timeout of one HTTP request (a whole rollout batch)"
-    )
-    ready_timeout_s: float = Field(
-        900.0, gt=0.0, description="how long to wait at start for both services' /ready"
-    )
-    retry_timeout_s: float = Field(
-        600.0,
-        gt=0.0,
-        description="give up on a failing request after retrying this long (covers a service "
-        "restart)",
-    )
-    max_attempts: int = Field(30, ge=1, description="attempts per request at most")
-    backoff_initial_s: float = Field(0.5, gt=0.0, description="first retry delay")
-    backoff_max_s: float = Field(30.0, gt=0.0, description="longest retry delay")
-    max_concurrency: int = Field(8, ge=1, description="HTTP requests in flight per service")
 
 
 # --------------------------------------------------------------------------------- root
@@ -365,9 +136,19 @@ class TrainConfig(Section):
         if self.sync.service_dir and not self.sync.shared_dir:
             problems.append("sync.service_dir is set but sync.shared_dir is not")
         for key in ("teacher_url", "rollout_url"):
-            url = getattr(self.services, key)
-            if not re.match(r"^https?://[^/\s]+", url):
-                problems.append(f"services.{key} {url!r} is not an http(s):// URL")
+            url, urls = getattr(self.services, key), getattr(self.services, key + "s")
+            if url is not None and urls is not None:
+                problems.append(
+                    f"services.{key} and services.{key}s are both set: give one (the list for "
+                    f"several replicas; services.{key}=null drops the single URL)"
+                )
+            if urls is not None and not urls:
+                problems.append(f"services.{key}s is empty: list at least one URL")
+            if urls is not None and len(set(urls)) != len(urls):
+                problems.append(f"services.{key}s lists a URL twice: {urls}")
+            for where, value in [(key, url)] if urls is None else [(f"{key}s", u) for u in urls]:
+                if value is not None and not re.match(r"^https?://[^/\s]+", value):
+                    problems.append(f"services.{where} {value!r} is not an http(s):// URL")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -1,4 +1,4 @@
-"""GSM8K evaluation: greedy answers, graded (eval/accuracy, eval/format_rate).
+"""GSM8K evaluation: greedy answers, graded (eval/accuracy, eval/format_rate, ...).
 
 The same code grades three kinds of model:
 
@@ -37,8 +37,9 @@ from trainer.clients import (
     rollout_item_arrays,
 )
 from trainer.data import Example, build_messages, load_gsm8k
-from trainer.grading import grade
+from trainer.grading import grade, is_degenerate
 from trainer.retry import RetryPolicy
+from trainer.teacher_context import TeacherContext
 
 __all__ = [
     "EvalResult",
@@ -65,7 +66,10 @@ class EvalResult:
     """Graded greedy answers of a set of problems.
 
     ``format_rate`` counts answers in the requested format (a final ``\\boxed{}``);
-    ``accuracy`` counts correct answers in whatever form they were given.
+    ``answer_rate`` answers that state one (boxed, ``####`` or "the answer is");
+    ``accuracy`` counts correct answers in whatever form they were given;
+    ``degenerate_frac`` blank, one-unit-repeated or looping answers
+    (:func:`trainer.grading.is_degenerate`).
     """
 
     accuracy: float
@@ -73,20 +77,39 @@ class EvalResult:
     n: int
     mean_response_tokens: float
     records: list[dict[str, Any]] = field(default_factory=list)
+    answer_rate: float = 0.0
+    degenerate_frac: float = 0.0
 
     def metrics(self) -> dict[str, float]:
         """The logged scalars."""
         return {
             "eval/accuracy": self.accuracy,
             "eval/format_rate": self.format_rate,
+            "eval/answer_rate": self.answer_rate,
+            "eval/degenerate_frac": self.degenerate_frac,
             "eval/response_length/mean": self.mean_response_tokens,
             "eval/num_problems": float(self.n),
         }
 
 
-def evaluate(generate: Generate, examples: Sequence[Example], max_tokens: int) -> EvalResult:
-    """Answer every problem greedily with ``generate`` and grade the answers."""
-    answers = generate([build_messages(ex.question) for ex in examples], max_tokens)
+def evaluate(
+    generate: Generate,
+    examples: Sequence[Example],
+    max_tokens: int,
+    *,
+    messages_for: Callable[[Example], list[dict[str, str]]] | None = None,
+) -> EvalResult:
+    """Answer every problem greedily with ``generate`` and grade the answers.
+
+    ``messages_for(example)`` is the chat each problem is asked as (default: the math prompt,
+    ``build_messages(example.question)``); e.g. a teacher's own context
+    (:meth:`trainer.teacher_context.TeacherContext.messages`).
+    """
+
+    def ask(ex: Example) -> list[dict[str, str]]:
+        return messages_for(ex) if messages_for is not None else build_messages(ex.question)
+
+    answers = generate([ask(ex) for ex in examples], max_tokens)
     records = []
     for ex, (text, n_tokens) in zip(examples, answers, strict=True):
         g = grade(text, ex.ground_truth)
@@ -98,17 +121,24 @@ def evaluate(generate: Generate, examples: Sequence[Example], max_tokens: int) -
                 "correct": g.correct,
                 "formatted": g.formatted,
                 "has_answer": g.has_answer,
+                "degenerate": is_degenerate(text),
                 "response_tokens": n_tokens,
                 "response": text,
             }
         )
     n = len(records)
+
+    def share(key: str) -> float:
+        return sum(r[key] for r in records) / n if n else 0.0
+
     return EvalResult(
-        accuracy=sum(r["correct"] for r in records) / n if n else 0.0,
-        format_rate=sum(r["formatted"] for r in records) / n if n else 0.0,
+        accuracy=share("correct"),
+        format_rate=share("formatted"),
         n=n,
-        mean_response_tokens=sum(r["response_tokens"] for r in records) / n if n else 0.0,
+        mean_response_tokens=share("response_tokens"),
         records=records,
+        answer_rate=share("has_answer"),
+        degenerate_frac=share("degenerate"),
     )
 
 
@@ -171,12 +201,14 @@ def measure_reverse_kl(
     max_tokens: int,
     temperature: float,
     teacher_temperature: float | None = None,
+    teacher_context: TeacherContext | None = None,
     seed: int = 0,
 ) -> float:
     """Mean per-token ``s - tau`` over student samples on ``examples`` (nats per token).
 
     With a fixed ``seed`` the same prompts are sampled the same way before and after
-    training, so the two numbers differ only through the weights.
+    training, so the two numbers differ only through the weights. ``teacher_context``: the
+    teacher scores the samples after its own prompt, as in training.
     """
     resp = rollout_fn(
         [{"messages": build_messages(ex.question)} for ex in examples],
@@ -186,12 +218,14 @@ def measure_reverse_kl(
         seed=seed,
     )
     arrays = [rollout_item_arrays(it) for it in resp.data]
-    tau = teacher.score(
-        [a[0] for a in arrays],
-        [a[1] for a in arrays],
-        temperature=teacher_temperature or temperature,
+    prompts = [
+        teacher_context.prompt_ids(examples[it.prompt_index], a[0]) if teacher_context else a[0]
+        for it, a in zip(resp.data, arrays, strict=True)
+    ]
+    scores = teacher.score(
+        prompts, [a[1] for a in arrays], temperature=teacher_temperature or temperature
     )
-    total = sum(float(np.sum(a[2] - t)) for a, t in zip(arrays, tau, strict=True))
+    total = sum(float(np.sum(a[2] - t.logprobs)) for a, t in zip(arrays, scores, strict=True))
     tokens = sum(len(a[1]) for a in arrays)
     return total / tokens if tokens else 0.0
 
@@ -215,7 +249,9 @@ def temporary_rollout_service(
     """
     args = ["--model", model, "--backend", backend, *extra_args]
     with running_service(
-        "services.student_rollout", args, name="temporary rollout service",
+        "services.student_rollout",
+        args,
+        name="temporary rollout service",
         ready_timeout_s=ready_timeout_s,
     ) as service:
         client = RolloutClient(

@@ -21,6 +21,15 @@ Two verdicts are kept apart. :attr:`Grade.formatted` is the *format*: the final 
 says an answer was *stated* (forms 1-3); a bare last number is neither, yet every form counts
 for correctness.
 
+:func:`is_degenerate` flags answers that are not attempts at all, whatever they contain: the
+text is *blank* (empty or whitespace only); or it is *one short unit repeated*: the stripped
+text (runs of whitespace read as one space) is a unit of at most 8 characters (a word, a
+symbol: a text-level stand-in for one token) said 4 times or more, optionally separated by
+spaces (``"!!!!"``, ``"the the the the"``, ``"Rem Rem Rem Rem Rem"``); or it *loops*: the
+same line, stripped, occurs 3 times or more. Lines without a letter or a digit (``\\[``,
+``$$``, ``---``, code fences) do not count towards a loop, since a sound answer repeats
+those. The rule looks at the text only, so it means the same for every model and tokenizer.
+
 Equivalence: ``math-verify`` decides first, on the extracted answer stripped of presentation
 (``$``, ``%``, ``\\text{}`` units, thousands separators, ``x = ...``), guarded: short inputs
 only, every exception swallowed, its signal-based timeouts used only where they are safe
@@ -48,6 +57,7 @@ __all__ = [
     "extract_answer",
     "extract_answer_with_form",
     "grade",
+    "is_degenerate",
     "is_equivalent",
     "normalize_number",
 ]
@@ -97,6 +107,10 @@ _SPACING_RE = re.compile(
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°")
 _UNIT_POWER_RE = re.compile(r"([A-Za-z])\s*(?:\^\s*\{?\s*[23]\s*\}?|[²³])")
 _MINUS_RE = re.compile(r"[\u2212\u2013\u2014]")
+
+# Degenerate answers (is_degenerate): one unit of <= 8 characters said 4+ times; a line said 3+.
+_REPEATED_UNIT_RE = re.compile(r"(.{1,8}?)(?: ?\1){3,}", re.DOTALL)
+_LOOP_LINES = 3
 
 # math-verify guard: inputs it may see, and how long it may take where signals are usable.
 _MV_MAX_CHARS = 120
@@ -358,6 +372,24 @@ def is_equivalent(pred: str | None, truth: str) -> bool:
     if _numerically_equal(pred, truth):
         return True
     return bool(_plain(truth)) and _plain(pred) == _plain(truth)
+
+
+def is_degenerate(text: str) -> bool:
+    """Whether ``text`` is blank, one short unit repeated, or a loop (see the module docs)."""
+    stripped = text.strip()
+    if not stripped:
+        return True
+    if _REPEATED_UNIT_RE.fullmatch(re.sub(r"\s+", " ", stripped)):
+        return True
+    counts: dict[str, int] = {}
+    for line in stripped.splitlines():
+        line = line.strip()
+        if not re.search(r"[^\W_]", line):  # blank, or no letter or digit
+            continue
+        counts[line] = counts.get(line, 0) + 1
+        if counts[line] >= _LOOP_LINES:
+            return True
+    return False
 
 
 def grade(response: str, ground_truth: str) -> Grade:

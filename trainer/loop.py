@@ -74,9 +74,13 @@ class Trainer:
             "connecting to the services",
         )
         self.student = load_trainable_student(cfg, ckpt, self.device, ctx)
-        sampler, self.eval_examples, self.total_steps = load_prompts(
-            cfg, self.student.tokenizer, ctx.is_main
+        prompts = load_prompts(cfg, self.student.tokenizer, ctx.is_main)
+        sampler, self.eval_examples, self.total_steps = (
+            prompts.sampler,
+            prompts.evals,
+            prompts.total_steps,
         )
+        self.teacher_context = prompts.teacher_context
         self.scheduler = make_scheduler(self.student.optimizer, cfg.trainer, self.total_steps)
         if ckpt is not None:
             restore(ckpt, self.student, self.scheduler, sampler, ctx)
@@ -89,7 +93,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             truncate_metrics(self.run_dir / METRICS_FILE, self.step)
-            self.producer = BatchProducer(cfg, self.services, sampler, self.total_steps, self.step)
+            self.producer = BatchProducer(
+                cfg, self.services, sampler, self.total_steps, self.step, self.teacher_context
+            )
         self.obs = Observability(
             self.run_dir,
             cfg.logging,
@@ -196,7 +202,9 @@ class Trainer:
         def push() -> int:
             assert self.services is not None
             sync = self.services.sync
-            return sync.push(write) if min_version is None else sync.start(write, min_version)
+            if min_version is None:
+                return sync.push(write, state)
+            return sync.start(write, min_version)
 
         version = D.on_main(push, self.ctx, "pushing weights to the rollout service")
         if min_version is not None and self.ctx.is_main:
@@ -218,7 +226,10 @@ class Trainer:
                 prompts_per_request=cfg.eval.prompts_per_request,
                 max_concurrency=cfg.services.max_concurrency,
             )
-            result = evaluate(generate, self.eval_examples, cfg.eval.max_tokens)
+            examples = self.eval_examples
+            if cfg.eval.interval_limit and 0 < self.step < self.total_steps:
+                examples = examples[: cfg.eval.interval_limit]  # between start and end
+            result = evaluate(generate, examples, cfg.eval.max_tokens)
             metrics |= result.metrics()
             if self.obs is not None:
                 self.obs.log_eval_samples(self.step, result.records)
@@ -231,6 +242,7 @@ class Trainer:
                     max_tokens=cfg.rollout.max_tokens,
                     temperature=cfg.rollout.temperature,
                     teacher_temperature=cfg.teacher_temperature,
+                    teacher_context=self.teacher_context,
                     seed=derive_seed(cfg.seed, -1),
                 )
         return metrics

@@ -25,6 +25,8 @@ __all__ = [
     "STEP_SCALARS",
     "EVAL_SCALARS",
     "Observability",
+    "ReplicaMetrics",
+    "replica_metrics",
     "prometheus_name",
     "read_metrics",
     "truncate_metrics",
@@ -63,6 +65,54 @@ EVAL_SCALARS: tuple[str, ...] = ("eval/accuracy", "eval/format_rate")
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
+
+
+class ReplicaMetrics:
+    """Per-replica request metrics of the trainer's service pools (:mod:`trainer.pools`),
+    labelled ``pool`` (``teacher`` | ``rollout``) and ``replica`` (its base URL).
+
+    Created once per process and unregistered: the pools record into them from the start,
+    and each :class:`Observability` with a Prometheus port registers them in its registry.
+    """
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        labels = ("pool", "replica")
+        self.requests = Counter(
+            "opd_replica_requests", "requests sent to the replica", labels, registry=None
+        )
+        self.errors = Counter(
+            "opd_replica_errors", "requests the replica failed", labels, registry=None
+        )
+        self.in_flight = Gauge(
+            "opd_replica_in_flight", "requests in flight at the replica", labels, registry=None
+        )
+        self.up = Gauge(
+            "opd_replica_up", "1: the replica gets requests; 0: set aside", labels, registry=None
+        )
+        self.seconds = Histogram(
+            "opd_replica_request_seconds",
+            "request latency per replica (retries included)",
+            labels,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 900),
+            registry=None,
+        )
+
+    def collectors(self) -> tuple[Any, ...]:
+        """The metric objects, for ``registry.register``."""
+        return (self.requests, self.errors, self.in_flight, self.up, self.seconds)
+
+
+_replica_metrics: ReplicaMetrics | None = None
+
+
+def replica_metrics() -> ReplicaMetrics:
+    """The process's :class:`ReplicaMetrics` (created on first use)."""
+    global _replica_metrics
+    if _replica_metrics is None:
+        _replica_metrics = ReplicaMetrics()
+    return _replica_metrics
 
 
 def prometheus_name(key: str) -> str:
@@ -156,6 +206,8 @@ class Observability:
                 "logging.metrics_port to a free port, or 0 to turn the exporter off"
             ) from exc
         self._gauge("trainer/step", "optimizer steps completed")
+        for collector in replica_metrics().collectors():
+            self._registry.register(collector)
 
     def _gauge(self, key: str, doc: str | None = None) -> Any:
         gauge = self._gauges.get(key)

@@ -24,6 +24,7 @@ from trainer.policy import (
     forward_backward,
     plan_micro_batches,
 )
+from trainer.topk_loss import TopKSums, finalize_topk_metrics
 
 __all__ = [
     "accumulate_gradients",
@@ -105,14 +106,22 @@ def accumulate_gradients(
         backend=backend,
         autocast_dtype=autocast_dtype,
     )
-    vec = sums.as_tensor() if sums is not None else torch.zeros(len(LossSums.field_names()))
-    sums = LossSums.from_tensor(D.all_reduce_sum(vec.to(device), ctx))
-    metrics = finalize_metrics(sums) | {
+    n_loss = len(LossSums.field_names())
+    if sums is None:
+        vec = torch.zeros(n_loss + len(TopKSums.field_names()))
+    else:
+        vec = torch.cat((sums[0].as_tensor(), sums[1].as_tensor().to(sums[0].tokens.device)))
+    # One all-reduce for both sets of sums.
+    vec = D.all_reduce_sum(vec.to(device), ctx)
+    loss_sums, topk_sums = LossSums.from_tensor(vec[:n_loss]), TopKSums.from_tensor(vec[n_loss:])
+    metrics = finalize_metrics(loss_sums) | {
         "train/micro_batches": float(len(plan)),
         "train/tokens": float(total_tokens),
         "train/sequences": float(len(sequences)),
     }
-    return sums, metrics
+    if loss.teacher_top_k:
+        metrics |= finalize_topk_metrics(topk_sums)
+    return loss_sums, metrics
 
 
 def apply_gradients(

@@ -6,6 +6,8 @@ Writes into ``RUN_DIR/plots/`` (or ``--out``):
 * ``kl.png``             -- per-sequence reverse KL and per-token JSD of the samples (and
   ``eval/reverse_kl`` on held-out prompts when it was measured);
 * ``eval_accuracy.png``  -- greedy test accuracy and format rate at each evaluation;
+* ``eval_progress.png``  -- held-out format rate and reverse KL to the teacher at each
+  evaluation (:func:`plot_eval_progress`);
 * ``timing.png``         -- per-step time breakdown: rollout / score / train / weight sync;
 * ``loss.png``           -- policy loss, PPO KL, clip fraction and gradient norm.
 
@@ -15,13 +17,25 @@ Matplotlib runs on the Agg backend, so no display is needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.observability import read_metrics
+from trainer.observability import EVAL_SAMPLES_FILE, read_metrics
 
-__all__ = ["main", "plot_runs"]
+__all__ = [
+    "EVAL_PROGRESS_FILE",
+    "EvalProgress",
+    "eval_progress",
+    "main",
+    "plot_eval_progress",
+    "plot_runs",
+]
+
+EVAL_PROGRESS_FILE = "eval_progress.png"
 
 TIMING_PARTS = ("timing/rollout_s", "timing/score_s", "timing/train_s", "timing/weight_sync_s")
 
@@ -52,6 +66,103 @@ def _finish(fig: Any, ax_list: Sequence[Any], path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+@dataclass
+class EvalProgress:
+    """A run's evaluations, comparable from step to step.
+
+    When the evaluations between start and end use fewer problems (``eval.interval_limit``),
+    ``format_rate`` is on the ``common`` first problems every evaluation answered (the
+    greedy answers in eval_samples.jsonl); ``full`` has the steps whose evaluation saw more,
+    with their own format rate.
+    """
+
+    steps: list[int] = field(default_factory=list)
+    format_rate: list[float] = field(default_factory=list)
+    common: int = 0
+    full: list[tuple[int, float, int]] = field(default_factory=list)  # (step, rate, problems)
+    kl_steps: list[int] = field(default_factory=list)
+    reverse_kl: list[float] = field(default_factory=list)
+
+
+def _eval_answers(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
+    path = run_dir / EVAL_SAMPLES_FILE
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                by_step.setdefault(int(record["step"]), []).append(record)
+    return by_step
+
+
+def eval_progress(run_dir: str | Path) -> EvalProgress:
+    """Held-out format rate and reverse KL at each evaluation of ``run_dir`` (see
+    :class:`EvalProgress`)."""
+    run_dir = Path(run_dir)
+    evals = [r for r in read_metrics(run_dir) if r.get("eval/format_rate") is not None]
+    out = EvalProgress()
+    for r in evals:
+        if r.get("eval/reverse_kl") is not None:
+            out.kl_steps.append(r["step"])
+            out.reverse_kl.append(float(r["eval/reverse_kl"]))
+    sizes = [int(r.get("eval/num_problems") or 0) for r in evals]
+    out.common = min(sizes, default=0)
+    answers = _eval_answers(run_dir) if len(set(sizes)) > 1 else {}
+    for r, size in zip(evals, sizes, strict=True):
+        rate = float(r["eval/format_rate"])
+        if size > out.common:
+            out.full.append((r["step"], rate, size))
+            # The last `size` answers of the step (a resumed run may have logged it twice).
+            subset = answers.get(r["step"], [])[-size:][: out.common]
+            if len(subset) < out.common:
+                continue
+            rate = sum(bool(a.get("formatted")) for a in subset) / out.common
+        out.steps.append(r["step"])
+        out.format_rate.append(rate)
+    return out
+
+
+def plot_eval_progress(run_dirs: Sequence[str | Path], path: str | Path) -> Path | None:
+    """Held-out format rate (left) and reverse KL to the teacher (right) against the step, one
+    line per run; ``None`` (nothing written) when no run has evaluations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    runs = {Path(d).name or str(d): eval_progress(d) for d in run_dirs}
+    if not any(p.steps or p.full for p in runs.values()):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, prog in runs.items():
+        tag = f" ({name})" if len(runs) > 1 else ""
+        label = "format rate" + (f", first {prog.common} problems" if prog.full else "")
+        axes[0].plot(prog.steps, prog.format_rate, marker="o", label=label + tag)
+        if prog.full:
+            sizes = sorted({n for _, _, n in prog.full})
+            axes[0].plot(
+                [s for s, _, _ in prog.full],
+                [f for _, f, _ in prog.full],
+                marker="s",
+                linestyle="none",
+                label=f"format rate, all {'/'.join(map(str, sizes))} problems" + tag,
+            )
+        if prog.kl_steps:
+            axes[1].plot(prog.kl_steps, prog.reverse_kl, marker="o", label="reverse KL" + tag)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("share of answers ending in \\boxed{}")
+    axes[0].set_title("Held-out format rate (greedy)")
+    axes[1].set_ylabel("nats per token")
+    has_kl = any(p.kl_steps for p in runs.values())
+    axes[1].set_title("Held-out reverse KL to the teacher" + ("" if has_kl else ": not measured"))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    written = _finish(fig, axes, Path(path))
+    plt.close(fig)
+    return written
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
@@ -94,6 +205,9 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]
     ax.set_title("GSM8K test (greedy)")
     written.append(_finish(fig, [ax], out / "eval_accuracy.png"))
     plt.close(fig)
+    progress = plot_eval_progress(run_dirs, out / EVAL_PROGRESS_FILE)
+    if progress is not None:
+        written.append(progress)
 
     fig, axes = plt.subplots(len(runs), 1, figsize=(9, 3.5 * len(runs)), squeeze=False)
     for ax, (name, records) in zip(axes[:, 0], runs.items(), strict=True):

@@ -33,6 +33,7 @@ from services.engine.dtypes import torch_dtype
 from trainer.algorithms import LossConfig, LossSums
 from trainer.config import StudentConfig
 from trainer.kernels import linear_logprob, opd_loss
+from trainer.topk_loss import TopKSums, topk_loss
 
 __all__ = [
     "MicroBatch",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("opd.trainer.policy")
+
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
@@ -121,9 +123,16 @@ class PolicyModel(nn.Module):
         return getattr(self.causal_lm, self.causal_lm.base_model_prefix)
 
     def forward(
-        self, input_ids: Tensor, gather_index: Tensor, targets: Tensor, temperature: float
-    ) -> Tensor:
-        """Logprobs ``[N]`` of ``targets`` predicted at flat positions ``gather_index``.
+        self,
+        input_ids: Tensor,
+        gather_index: Tensor,
+        targets: Tensor,
+        temperature: float,
+        k_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logprobs ``[N]`` of ``targets`` predicted at flat positions ``gather_index`` and,
+        with ``k_ids [N, K]`` (the teacher's top-k), the logprobs ``[N, K]`` at those ids
+        from the same LM-head pass.
 
         ``input_ids`` is right-padded ``[B, L]``; no attention mask is needed because causal
         attention never lets a real token see the padding after it.
@@ -131,14 +140,18 @@ class PolicyModel(nn.Module):
         hidden = self.body(input_ids=input_ids, use_cache=False).last_hidden_state
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather_index)
         head = self.causal_lm.get_output_embeddings()
-        return chunked_token_logprobs(
+        if selected.shape[0] != targets.shape[0]:
+            raise ValueError(f"{selected.shape[0]} positions for {targets.shape[0]} targets")
+        out = linear_logprob(
             selected,
             head.weight,
-            getattr(head, "bias", None),
             targets,
             temperature,
-            self.chunk_tokens,
+            bias=getattr(head, "bias", None),
+            k_ids=k_ids,
+            chunk_tokens=self.chunk_tokens,
         )
+        return out.logp, out.k_logp
 
 
 # --------------------------------------------------------------------------------- loading
@@ -211,6 +224,8 @@ class TrainSequence:
     behaviour_logprobs: np.ndarray  # float32 [R]  (s: the rollout's logprobs, after temperature)
     teacher_logprobs: np.ndarray  # float32 [R]  (tau)
     trainable: bool = True  # False: kept for metrics only (empty, or masked when truncated)
+    teacher_top_ids: np.ndarray | None = None  # int64 [R, K]  (algorithm.teacher_top_k)
+    teacher_top_logprobs: np.ndarray | None = None  # float32 [R, K]
 
     @property
     def length(self) -> int:
@@ -229,6 +244,8 @@ class MicroBatch:
     s: Tensor  # [B, T]
     tau: Tensor  # [B, T]
     mask: Tensor  # [B, T] bool
+    k_ids: Tensor | None = None  # [N, K] the teacher's top-k ids at the same tokens
+    teacher_k: Tensor | None = None  # [N, K] the teacher's logprobs at k_ids
 
     @property
     def padded_tokens(self) -> int:
@@ -270,6 +287,9 @@ def collate(seqs: Sequence[TrainSequence], device: torch.device) -> MicroBatch:
     tau_arr = np.zeros((b, resp_len), dtype=np.float32)
     mask = np.zeros((b, resp_len), dtype=bool)
     gather, scatter, targets = [], [], []
+    top_ids: list[np.ndarray] = []
+    top_lps: list[np.ndarray] = []
+    k = _top_k(seqs)
     for row, seq in enumerate(seqs):
         p, r = len(seq.prompt_ids), len(seq.response_ids)
         input_ids[row, :p] = seq.prompt_ids
@@ -283,6 +303,9 @@ def collate(seqs: Sequence[TrainSequence], device: torch.device) -> MicroBatch:
         s_arr[row, :r] = seq.behaviour_logprobs
         tau_arr[row, :r] = seq.teacher_logprobs
         mask[row, :r] = True
+        if k:
+            top_ids.append(seq.teacher_top_ids)  # type: ignore[arg-type]
+            top_lps.append(seq.teacher_top_logprobs)  # type: ignore[arg-type]
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
@@ -298,7 +321,25 @@ def collate(seqs: Sequence[TrainSequence], device: torch.device) -> MicroBatch:
         s=t(s_arr),
         tau=t(tau_arr),
         mask=t(mask),
+        k_ids=t(_stack(top_ids, k, np.int64)) if k else None,
+        teacher_k=t(_stack(top_lps, k, np.float32)) if k else None,
     )
+
+
+def _top_k(seqs: Sequence[TrainSequence]) -> int:
+    """K of the teacher's top-k the sequences carry (0: none); all trainable ones agree."""
+    ks = {
+        0 if s.teacher_top_ids is None else int(s.teacher_top_ids.shape[1])
+        for s in seqs
+        if s.trainable and len(s.response_ids)
+    }
+    if len(ks) > 1:
+        raise ValueError(f"sequences carry different numbers of teacher top-k ids: {sorted(ks)}")
+    return ks.pop() if ks else 0
+
+
+def _stack(parts: list[np.ndarray], k: int, dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros((0, k), dtype=dtype)
 
 
 def empty_micro_batch(device: torch.device) -> MicroBatch:
@@ -316,12 +357,15 @@ def empty_micro_batch(device: torch.device) -> MicroBatch:
     )
 
 
-def micro_batch_logprobs(policy: nn.Module, mb: MicroBatch, temperature: float) -> Tensor:
-    """``[B, T]`` float32 ``log pi_theta`` of the response tokens (0 where masked)."""
-    flat = policy(mb.input_ids, mb.gather_index, mb.targets, temperature)
+def micro_batch_logprobs(
+    policy: nn.Module, mb: MicroBatch, temperature: float
+) -> tuple[Tensor, Tensor | None]:
+    """``[B, T]`` float32 ``log pi_theta`` of the response tokens (0 where masked), and the
+    student's ``[N, K]`` logprobs at the teacher's top-k ids (None without them)."""
+    flat, k_logp = policy(mb.input_ids, mb.gather_index, mb.targets, temperature, mb.k_ids)
     b, t = mb.mask.shape
     # Out-of-place index_copy keeps the graph: gradient flows only into the real tokens.
-    return flat.new_zeros(b * t).index_copy(0, mb.scatter_index, flat).view(b, t)
+    return flat.new_zeros(b * t).index_copy(0, mb.scatter_index, flat).view(b, t), k_logp
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -341,19 +385,22 @@ def forward_backward(
     loss_scale: float = 1.0,
     backend: str = "auto",
     autocast_dtype: torch.dtype | None = None,
-) -> LossSums | None:
+) -> tuple[LossSums, TopKSums] | None:
     """Accumulate the gradient of the whole batch's loss over its micro-batches.
 
     Each micro-batch's loss is its share of the full-batch aggregate (``total_tokens`` /
     ``total_seqs`` are the whole batch's), so the accumulated gradient equals the full-batch
-    gradient. ``loss_scale`` undoes FSDP's averaging over ranks. Returns the summed metric
-    sums (None when there were no micro-batches).
+    gradient. ``loss_scale`` undoes FSDP's averaging over ranks. With the teacher's top-k in
+    the batch (``algorithm.teacher_top_k``) the top-k divergence term joins the loss
+    (:mod:`trainer.topk_loss`). Returns the summed metric sums (None when there were no
+    micro-batches).
     """
     parts: list[LossSums] = []
+    topk_parts: list[TopKSums] = []
     for mb in micro_batches:
         device = mb.input_ids.device
         with _autocast(device, autocast_dtype):
-            logp = micro_batch_logprobs(policy, mb, temperature)
+            logp, k_logp = micro_batch_logprobs(policy, mb, temperature)
         loss, sums = opd_loss(
             logp,
             mb.s,
@@ -364,9 +411,26 @@ def forward_backward(
             total_seqs=total_seqs,
             backend=backend,  # type: ignore[arg-type]
         )
+        if k_logp is not None and mb.teacher_k is not None:
+            topk, topk_sums = topk_loss(
+                k_logp,
+                mb.teacher_k,
+                mb.scatter_index,
+                mb.mask,
+                cfg,
+                total_tokens=total_tokens,
+                total_seqs=total_seqs,
+                backend=backend,
+            )
+            loss = loss + topk
+            topk_parts.append(topk_sums)
+        else:
+            topk_parts.append(TopKSums.zeros(device))
         (loss * loss_scale).backward()
         parts.append(sums)
-    return sum(parts) if parts else None  # type: ignore[return-value]
+    if not parts:
+        return None
+    return sum(parts), sum(topk_parts)  # type: ignore[return-value]
 
 
 def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ from trainer.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import Example, PromptSampler, build_messages, load_gsm8k
 from trainer.errors import StartupError
+from trainer.teacher_context import TeacherContext, chat_ids, split_few_shot
 
-__all__ = ["find_checkpoint", "load_prompts", "student_tokenizer_path"]
+__all__ = ["Prompts", "find_checkpoint", "load_prompts", "student_tokenizer_path"]
 
 log = logging.getLogger("opd.trainer")
 
@@ -45,17 +47,50 @@ def student_tokenizer_path(cfg: TrainConfig, ckpt: Checkpoint | None) -> str:
     return str(ckpt.model_dir) if ckpt else (cfg.student.tokenizer or cfg.student.model)
 
 
-def load_prompts(
-    cfg: TrainConfig, tokenizer: Any, is_main: bool
-) -> tuple[PromptSampler, list[Example], int]:
-    """The training prompts that fit (as a seeded sampler), the evaluation problems (rank 0
-    only; empty elsewhere) and the number of steps the run takes."""
+@dataclass
+class Prompts:
+    """What :func:`load_prompts` decides: the training prompts, the held-out problems, the
+    run's length and the teacher's context."""
+
+    sampler: PromptSampler
+    evals: list[Example]  # rank 0 only; empty elsewhere
+    total_steps: int
+    teacher_context: TeacherContext
+
+
+def load_prompts(cfg: TrainConfig, tokenizer: Any, is_main: bool) -> Prompts:
+    """The training prompts that fit (as a seeded sampler), the evaluation problems, the
+    number of steps the run takes, and the teacher context.
+
+    A prompt fits when the student's prompt and, with a teacher context, the teacher's
+    prompt each leave ``rollout.max_tokens`` within ``trainer.max_model_len``; the others are
+    dropped with a warning. A context too long for any prompt is a :class:`StartupError`.
+    """
     train = load_gsm8k("train", cfg.data.source, limit=cfg.data.train_limit)
+    c = cfg.teacher.context
+    try:
+        shots, train = split_few_shot(train, c.few_shot)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    context = TeacherContext(c, shots, tokenizer)
     limit = cfg.trainer.max_model_len - cfg.rollout.max_tokens
-    fits = [ex for ex in train if _prompt_len(tokenizer, ex) <= limit]
+    if context.active and context.context_tokens() >= limit:
+        raise StartupError(
+            f"the teacher context (teacher.context: {context.context_tokens()} tokens of system "
+            f"prompt and {c.few_shot} few-shot turns) leaves no room for a question: "
+            f"trainer.max_model_len ({cfg.trainer.max_model_len}) - rollout.max_tokens "
+            f"({cfg.rollout.max_tokens}) = {limit}. Lower teacher.context.few_shot or raise "
+            "trainer.max_model_len (and the services' --max-model-len)"
+        )
+    fits = [ex for ex in train if _fits(tokenizer, context, ex, limit)]
     if len(fits) < len(train):
+        who = "student or teacher prompt" if context.active else "prompt"
         log.warning(
-            "dropped %d training prompts longer than %d tokens", len(train) - len(fits), limit
+            "dropped %d training prompts whose %s is longer than %d tokens "
+            "(trainer.max_model_len - rollout.max_tokens)",
+            len(train) - len(fits),
+            who,
+            limit,
         )
     if not fits:
         raise StartupError(
@@ -68,13 +103,9 @@ def load_prompts(
         fits, seed=cfg.seed, shuffle=cfg.data.shuffle, max_epochs=cfg.trainer.epochs
     )
     evals = load_gsm8k("test", cfg.data.source, limit=cfg.eval.limit) if is_main else []
-    return sampler, evals, steps
+    return Prompts(sampler, evals, steps, context)
 
 
-def _prompt_len(tokenizer: Any, ex: Example) -> int:
-    ids = tokenizer.apply_chat_template(
-        build_messages(ex.question), add_generation_prompt=True, tokenize=True
-    )
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return len(ids)
+def _fits(tokenizer: Any, context: TeacherContext, ex: Example, limit: int) -> bool:
+    student = chat_ids(tokenizer, build_messages(ex.question))
+    return len(student) <= limit and len(context.prompt_ids(ex, student)) <= limit

@@ -13,7 +13,9 @@ Three dashboards, all on the provisioned datasource `opd-prometheus`:
   rollouts/s, weight-sync time;
 - `opd-services`: per service request rate, errors (4xx/5xx), latency percentiles from the
   histograms, queue depth, rejections, engine batch sizes, tokens/s, weight updates, policy
-  version, and vLLM's own engine metrics (KV-cache use, running/waiting, TTFT, preemptions).
+  version, the trainer's per-replica view of its service pools (requests, failures, in flight,
+  set aside, latency), and vLLM's own engine metrics (KV-cache use, running/waiting, TTFT,
+  preemptions).
 """
 
 from __future__ import annotations
@@ -225,6 +227,30 @@ SERVICES: list[Row] = [
         Panel("Policy version serving", [
             (f"opd_policy_version{{{SVC}}}", "{{service}}"),
         ], decimals=0),
+    ]),
+    Row("Replica pools (the trainer's view of each replica)", [
+        Panel("Requests/s per replica", [
+            (f"sum by (pool, replica) (rate(opd_replica_requests_total[{RATE}]))",
+             "{{pool}} {{replica}}"),
+        ], unit="reqps", width=6,
+            description="requests the trainer sent to each teacher and rollout replica "
+            "(services.teacher_urls / rollout_urls); the balancing picks the least-loaded one"),
+        Panel("Failed requests/s per replica", [
+            (f"sum by (pool, replica) (rate(opd_replica_errors_total[{RATE}]))",
+             "{{pool}} {{replica}}"),
+        ], unit="reqps", width=6,
+            description="a transient failure sets the replica aside and the request goes to "
+            "another one"),
+        Panel("In flight per replica", [
+            ("sum by (pool, replica) (opd_replica_in_flight)", "{{pool}} {{replica}}"),
+        ], decimals=0, min=0, width=6),
+        Panel("Replica in use (1) or set aside (0)", [
+            ("min by (pool, replica) (opd_replica_up)", "{{pool}} {{replica}}"),
+        ], decimals=0, min=0, max=1, width=6,
+            description="0: the replica failed and is probed on /ready until it is back"),
+        Panel("Request latency per replica", _quantiles(
+            "opd_replica_request_seconds", "pool, replica", qs=(0.5, 0.99),
+            legend="{{pool}} {{replica}}"), unit="s", width=24),
     ]),
     Row("vLLM engine (vllm backend only)", [
         Panel("KV-cache usage", [

@@ -9,7 +9,7 @@ the reference the other is tested against).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -166,3 +166,20 @@ class Engine(abc.ABC):
         """Replace the weights with those of a validated safetensors directory.
 
         Raises `WeightsError` (old weights untouched) when the checkpoint does not fit."""
+
+    # Optional: weights handed over in memory (the rollout service's broadcast transport).
+
+    def tensor_weights_unsupported(self) -> str | None:
+        """None when `load_weights_from_tensors` works on this engine; else why not."""
+        return (
+            f"the {self.config.backend} backend cannot take weights as in-memory tensors "
+            "(no broadcast transport)"
+        )
+
+    async def load_weights_from_tensors(self, tensors: Mapping[str, Any], source: str) -> None:
+        """Replace the weights with `{name: torch.Tensor}` already checked against the
+        initial checkpoint's names, shapes and dtypes (`source` labels them in logs).
+
+        Raises `WeightsError` (old weights untouched) when they do not fit, and
+        `NotImplementedError` where `tensor_weights_unsupported()` says why not."""
+        raise NotImplementedError(self.tensor_weights_unsupported())

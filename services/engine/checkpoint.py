@@ -180,6 +180,22 @@ def validate_checkpoint_dir(
     no files, a bad file, missing names, unknown names, wrong shapes, wrong dtypes.
     """
     files, tensors = read_checkpoint_headers(directory)
+    check_layout({name: (info.shape, info.dtype) for name, info in tensors.items()},
+                 expected, optional)
+    return files
+
+
+def check_layout(
+    tensors: Mapping[str, tuple[Shape, str]],
+    expected: Spec,
+    optional: Spec | None = None,
+) -> None:
+    """Check that `{name: (shape, dtype)}` holds exactly the `expected` tensors.
+
+    The checks of `validate_checkpoint_dir` without the files (a broadcast's manifest):
+    `WeightsError` naming the first kind of problem found (missing names, unknown names,
+    wrong shapes, wrong dtypes); dtypes in any spelling `canonical_dtype` knows.
+    """
     allowed: dict[str, tuple[Shape, str]] = dict(getattr(expected, "optional", {}) or {})
     allowed.update(optional or {})
     allowed.update(expected)
@@ -190,15 +206,18 @@ def validate_checkpoint_dir(
     unknown = set(tensors) - set(allowed)
     if unknown:
         raise WeightsError(f"checkpoint has {len(unknown)} unknown tensor(s): {_listing(unknown)}")
-    for name, info in sorted(tensors.items()):
+    for name, (shape, _) in sorted(tensors.items()):
         want_shape = tuple(allowed[name][0])
-        if info.shape != want_shape:
-            raise WeightsError(f"tensor {name!r} has shape {info.shape}, expected {want_shape}")
-    for name, info in sorted(tensors.items()):
+        if tuple(shape) != want_shape:
+            raise WeightsError(f"tensor {name!r} has shape {tuple(shape)}, expected {want_shape}")
+    for name, (_, dtype) in sorted(tensors.items()):
         want_dtype = canonical_dtype(allowed[name][1])
-        if info.dtype != want_dtype:
-            raise WeightsError(f"tensor {name!r} has dtype {info.dtype}, expected {want_dtype}")
-    return files
+        try:
+            got = canonical_dtype(dtype)
+        except ValueError:  # a code this project does not know cannot be the expected one
+            got = str(dtype)
+        if got != want_dtype:
+            raise WeightsError(f"tensor {name!r} has dtype {got}, expected {want_dtype}")
 
 
 def _tied_embeddings(model_dir: Path) -> bool:

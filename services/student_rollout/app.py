@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from services.common.app import ServiceState, create_app
 from services.common.openai_routes import openai_router
 from services.engine.base import Engine
+from services.student_rollout.broadcast import BroadcastManager, broadcast_router
 from services.student_rollout.routes import rollout_router
 from services.student_rollout.settings import RolloutSettings
 from services.student_rollout.versioning import LeasedEngine, PolicyVersions
@@ -30,6 +31,7 @@ def build_app(settings: RolloutSettings, engine: Engine | None = None) -> FastAP
     """The rollout service's app; `engine` replaces `make_engine(settings.engine_config())`."""
     versions = PolicyVersions(settings.initial_version)
     manager = WeightsManager(settings, versions)
+    broadcaster = BroadcastManager(manager, versions)
 
     async def on_ready(state: ServiceState) -> None:
         assert state.engine is not None
@@ -45,13 +47,14 @@ def build_app(settings: RolloutSettings, engine: Engine | None = None) -> FastAP
     app = create_app(
         settings,
         service=SERVICE,
-        routers=[rollout_router(), weights_router(), openai_router()],
+        routers=[rollout_router(), weights_router(), broadcast_router(), openai_router()],
         info_extra=info_extra,
         engine=engine,
         # The upload route enforces its own limit (max_upload_bytes) while streaming; the
-        # JSON load request keeps the ordinary body limit.
+        # JSON load and broadcast requests keep the ordinary body limit.
         body_limit_overrides={
             "/v1/weights/load": settings.max_body_bytes,
+            "/v1/weights/broadcast": settings.max_body_bytes,
             "/v1/weights": None,
         },
         on_ready=on_ready,
@@ -59,6 +62,7 @@ def build_app(settings: RolloutSettings, engine: Engine | None = None) -> FastAP
     )
     app.state.versions = versions
     app.state.weights = manager
+    app.state.broadcast = broadcaster
 
     # Remove the staging directory on shutdown, after the common lifespan has stopped the
     # engine (so no swap can still be reading from it).
@@ -70,6 +74,7 @@ def build_app(settings: RolloutSettings, engine: Engine | None = None) -> FastAP
             async with inner_lifespan(app_) as value:
                 yield value
         finally:
+            broadcaster.close()
             manager.close()
 
     app.router.lifespan_context = lifespan

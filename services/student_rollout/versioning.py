@@ -242,6 +242,14 @@ class LeasedEngine(Engine):
         """Refused: updates go through the weights routes, which hold the write lock."""
         raise RuntimeError("load weights through WeightsManager, not the leased engine")
 
+    def tensor_weights_unsupported(self) -> str | None:
+        """The wrapped engine's answer."""
+        return self.inner.tensor_weights_unsupported()
+
+    async def load_weights_from_tensors(self, tensors: Any, source: str) -> None:
+        """Refused like `load_weights`: the broadcast manager swaps under the write lock."""
+        raise RuntimeError("load weights through WeightsManager, not the leased engine")
+
     def __getattr__(self, name: str) -> Any:
         # Backend-specific extras (stats, the vLLM client) stay reachable. `inner` itself is
         # excluded so a half-built object (copy, pickle) cannot recurse forever.

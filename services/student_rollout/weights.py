@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,18 +238,31 @@ class WeightsManager:
         started: float,
         files: list[Path] | None,
     ) -> None:
-        owned: Path | None = None if files is not None else directory
+        # `_pin` removes what it made if it fails; from here `swap_in` owns the directory.
+        owned = directory if files is None else await asyncio.to_thread(
+            self._pin, directory, files)
+        await self.swap_in(lambda: engine.load_weights(str(owned)), version, source, started,
+                           owned)
+
+    async def swap_in(
+        self,
+        load: Callable[[], Awaitable[None]],
+        version: int,
+        source: str,
+        started: float,
+        owned: Path | None,
+    ) -> None:
+        """The swap step of every transport: `await load()` under the write lock, then commit
+        `version` and make `owned` (None: the weights are kept in memory by the engine) the
+        directory of the serving weights, dropping the previous one. On failure `owned` is
+        removed and the old weights serve on, from `self.serving_dir`, which stays."""
         previous: Path | None = None
         try:
-            if files is not None:
-                owned = await asyncio.to_thread(self._pin, directory, files)
-            assert owned is not None
             async with self.versions.updating(version, source, started):
-                await engine.load_weights(str(owned))
+                await load()
                 # Inside the exclusive hold, so two updates can never both claim the slot.
                 previous, self.serving_dir = self.serving_dir, owned
         except BaseException:
-            # The old weights still serve, from `self.serving_dir`, which stays.
             if owned is not None:
                 shutil.rmtree(owned, ignore_errors=True)
             raise

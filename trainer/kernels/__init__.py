@@ -31,6 +31,7 @@ from trainer.kernels.opd_loss import (
     row_weights,
     triton_available,
 )
+from trainer.kernels.topk_divergence import TopKDivergence, topk_divergence  # noqa: F401
 
 __all__ = [
     "BACKEND_ENV",

@@ -2,8 +2,8 @@
 
 It runs on any device torch supports and is the reference the `vllm` backend is tested
 against. One module per concern: `engine` (the `HFEngine` class), `model` (loading and the
-forward call), `scheduler` (batching all model work), `scoring`, `generation` (with the stop
-rules), `sampling` (vLLM's processed logprobs, seeds) and `weights` (checkpoint updates).
+forward call), `scheduler` (batching all model work), `scoring`, `prefix` (scoring with
+shared prefixes computed once), `generation` (with the stop rules), `sampling` (vLLM's processed logprobs, seeds) and `weights` (checkpoint updates).
 """
 
 from __future__ import annotations

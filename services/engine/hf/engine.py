@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from ..fingerprint import combine_components, fingerprint_components
 from ..validation import check_generate_request, check_score_inputs
 from .generation import GroupStepper, new_request
 from .model import ModelRunner
+from .prefix import score_shared
 from .scheduler import Scheduler
 from .scoring import score_batch
 from .weights import ModelWeights
@@ -48,6 +49,7 @@ class HFEngine(Engine):
         self.weights: ModelWeights | None = None
         self._stepper: GroupStepper | None = None
         self._observer: Callable[[str, int], None] | None = None
+        self._prefix_sharing = True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -69,6 +71,19 @@ class HFEngine(Engine):
             self._stepper.observer = observer
 
     @property
+    def prefix_sharing(self) -> bool:
+        """Whether scoring computes a prefix shared by several sequences of a batch once
+        (`prefix`; on by default, exact to float32 rounding). Setting it takes effect from the
+        next batch; models whose cache is not plain full attention never share."""
+        return self._prefix_sharing
+
+    @prefix_sharing.setter
+    def prefix_sharing(self, on: bool) -> None:
+        self._prefix_sharing = bool(on)
+        if self.scheduler is not None and self.runner is not None:
+            self.scheduler.prefix_sharing = self._prefix_sharing and self.runner.prefix_cache_ok
+
+    @property
     def weights_source(self) -> str | None:
         """The checkpoint directory of the weights being served."""
         source = self.weights.source if self.weights is not None else None
@@ -88,9 +103,16 @@ class HFEngine(Engine):
         self.weights = ModelWeights(runner, reference_checkpoint(self.config.model))
         self._stepper = GroupStepper(runner, tokenizer)
         self._stepper.observer = self._observer
+        budget = self.config.max_batch_tokens
+
+        def score(inputs: list[ScoreInput], shared: bool) -> list[ScoreResult]:
+            if shared:
+                return score_shared(runner, inputs, budget, self._observer)
+            return score_batch(runner, inputs, self._observer)
+
         self.scheduler = Scheduler(
-            self.config, lambda inputs: score_batch(runner, inputs, self._observer),
-            self._stepper, runner.device,
+            self.config, score, self._stepper, runner.device,
+            prefix_sharing=self._prefix_sharing and runner.prefix_cache_ok,
         )
         self.runner = runner
         parts = fingerprint_components(tokenizer)
@@ -176,3 +198,18 @@ class HFEngine(Engine):
         tensors = await asyncio.to_thread(weights.read, path)
         assert self.scheduler is not None
         await self.scheduler.update(lambda: weights.swap(tensors, path))
+
+    def tensor_weights_unsupported(self) -> str | None:
+        """This backend takes weights as tensors (the broadcast transport)."""
+        return None
+
+    async def load_weights_from_tensors(self, tensors: Mapping[str, Any], source: str) -> None:
+        """Swap in `{name: tensor}` (e.g. received over a broadcast) like `load_weights`:
+        the same checks first, the same copy between generations; the tensors are kept as
+        what a later failed copy restores (see `weights`)."""
+        self._running()
+        weights = self.weights
+        assert weights is not None and self.scheduler is not None
+        staged = dict(tensors)
+        await asyncio.to_thread(weights.check_tensors, staged)
+        await self.scheduler.update(lambda: weights.swap_in_memory(staged, source))

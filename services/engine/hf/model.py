@@ -24,6 +24,20 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def _plain_dynamic_cache(model: Any) -> bool:
+    """Whether the model's `DynamicCache` is full attention in every layer (no sliding-window,
+    chunked or recurrent layers): then a prefix's keys/values can be copied into any row's
+    cache (prefix sharing in scoring, see `prefix`)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # noqa: BLE001 - a model this cannot describe keeps the plain path
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
 class ModelRunner:
     """A causal LM in eval mode on one device, with the facts the engine needs about it."""
 
@@ -64,6 +78,7 @@ class ModelRunner:
             max_len = tok_max if tok_max and tok_max < 10**8 else 2048
         self.max_model_len = int(max_len)
         self.eos_ids = resolve_eos_ids(tokenizer, getattr(model, "generation_config", None))
+        self.prefix_cache_ok = _plain_dynamic_cache(model)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -5,7 +5,9 @@ queued work into forward batches and runs each forward in a worker thread
 (`asyncio.to_thread`), one at a time, so the event loop stays responsive. When it wakes up
 idle it waits `batch_wait_ms` to let concurrent callers join a batch.
 
-- score: queued sequences are packed into batches (`scoring.pack_batches`), one forward each.
+- score: queued sequences are packed into batches (`scoring.pack_batches`), one forward each;
+  with `prefix_sharing` (the default), sequences sharing a prefix are chunked together
+  instead (`prefix.pack_shared`) and each chunk computes its shared prefixes once.
 - generate: rows are admitted FIFO into *groups* (static batches, each with its own KV cache)
   while at most `max_num_seqs` rows decode in all and each group's prefill (distinct prompts x
   longest prompt, left-padded) stays within `max_batch_tokens` padded tokens (a lone row
@@ -42,6 +44,7 @@ import torch
 
 from ..base import EngineConfig, ScoreInput, ScoreResult
 from .generation import GenRequest, Group, GroupStepper, Row
+from .prefix import pack_shared
 from .scoring import pack_batches
 
 logger = logging.getLogger("services.engine.hf")
@@ -83,12 +86,15 @@ class Scheduler:
     def __init__(
         self,
         config: EngineConfig,
-        score: Callable[[list[ScoreInput]], list[ScoreResult]],
+        score: Callable[[list[ScoreInput], bool], list[ScoreResult]],
         stepper: GroupStepper,
         device: torch.device,
+        prefix_sharing: bool = False,
     ) -> None:
         self.config = config
+        # score(inputs, shared): one batch; `shared` says it was packed by `pack_shared`.
         self._score = score
+        self.prefix_sharing = prefix_sharing
         self.stepper = stepper
         self.device = device
         self._rng = random.Random(config.seed)
@@ -194,10 +200,15 @@ class Scheduler:
         if self.score_queue:
             items = [it for it in self.score_queue if not it.job.future.done()]
             self.score_queue.clear()
-            batches = pack_batches(items, lambda it: len(it.inp.token_ids),
-                                   self.config.max_batch_tokens)
+            shared = self.prefix_sharing
+            if shared:
+                batches = pack_shared(items, lambda it: it.inp, self.config.max_batch_tokens)
+            else:
+                batches = pack_batches(
+                    items, lambda it: len(it.inp.token_ids), self.config.max_batch_tokens
+                )
             for batch in batches:
-                await self._run_score_batch(batch)
+                await self._run_score_batch(batch, shared)
         self._drop_dead_requests()
         if self.updates and not self.groups and not any(r.started for r in self.gen_queue):
             update = self.updates.popleft()
@@ -215,12 +226,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------ score batches
 
-    async def _run_score_batch(self, batch: list[ScoreItem]) -> None:
+    async def _run_score_batch(self, batch: list[ScoreItem], shared: bool) -> None:
         batch = [it for it in batch if not it.job.future.done()]
         if not batch:
             return
         try:
-            results = await asyncio.to_thread(self._score, [it.inp for it in batch])
+            results = await asyncio.to_thread(self._score, [it.inp for it in batch], shared)
         except Exception as exc:
             jobs = list(dict.fromkeys(it.job for it in batch))
             if len(jobs) == 1:
@@ -230,7 +241,7 @@ class Scheduler:
             for job in jobs:
                 items = [it for it in batch if it.job is job]
                 try:
-                    alone = await asyncio.to_thread(self._score, [it.inp for it in items])
+                    alone = await asyncio.to_thread(self._score, [it.inp for it in items], shared)
                 except Exception as job_exc:
                     _fail(job.future, job_exc)
                 else:

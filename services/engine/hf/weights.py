@@ -10,6 +10,11 @@ only one name; when it carries several, they must hold equal values.
 Should the copy itself fail half-way (it cannot fail on a checkpoint that passed the checks,
 but a device error can), the weights are restored from the directory they last came from,
 which the caller keeps until a newer update succeeds (see `WeightsManager`).
+
+Weights received over a broadcast (`services.student_rollout.broadcast`) arrive as in-memory
+tensors: `check_tensors` applies every check `read` does (the same layout check, from the
+tensors instead of headers), and `swap_in_memory` keeps those tensors (CPU staging, one
+model's worth) as what a later failed copy restores, since no directory holds them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..base import WeightsError
-from ..checkpoint import ReferenceCheckpoint, validate_checkpoint_dir
+from ..checkpoint import ReferenceCheckpoint, check_layout, validate_checkpoint_dir
 from .model import ModelRunner
 
 logger = logging.getLogger("services.engine.hf")
@@ -34,6 +39,8 @@ class ModelWeights:
         self.reference = reference
         # The directory the serving weights came from: what a failed copy restores.
         self.source: Path | None = reference.model_dir
+        # Or, after a broadcast, the serving weights themselves (then `source` is None).
+        self._kept: dict[str, torch.Tensor] | None = None
         self.broken: str | None = None
         state = runner.model.state_dict(keep_vars=True)
         by_tensor: dict[int, list[str]] = {}
@@ -58,6 +65,20 @@ class ModelWeights:
                 tensors.update(load_file(str(file), device="cpu"))
             except (OSError, SafetensorError) as exc:  # changed since it was checked
                 raise WeightsError(f"cannot read {file.name}: {exc}") from exc
+        self.check(tensors)
+        return tensors
+
+    def check_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """All checks of `read` on in-memory tensors: the initial checkpoint's names, shapes
+        and dtypes (`check_layout`), then `check`; `WeightsError` if they do not fit."""
+        if self.reference.spec is None:
+            raise WeightsError(f"weight updates are unavailable: {self.reference.error}")
+        check_layout({name: (tuple(t.shape), str(t.dtype)) for name, t in tensors.items()},
+                     self.reference.spec)
+        self.check(tensors)
+
+    def check(self, tensors: dict[str, torch.Tensor]) -> None:
+        """`WeightsError` unless every tensor is a parameter and tied ones hold equal values."""
         foreign = sorted(set(tensors) - set(self._group_of))
         if foreign:
             raise WeightsError(f"tensors that are not parameters of the loaded model: {foreign[:5]}")
@@ -66,13 +87,13 @@ class ModelWeights:
             for other in present[1:]:
                 if not torch.equal(tensors[present[0]], tensors[other]):
                     raise WeightsError(f"tied tensors {present[0]!r} and {other!r} differ")
-        return tensors
 
     def swap(self, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
         """Copy `tensors` into the model under the runner's lock (blocking).
 
-        On a failure part-way the previous weights are read back from `self.source`; if even
-        that fails the model is marked broken (`self.broken`) and `RuntimeError` is raised.
+        On a failure part-way the previous weights are read back from `self.source` (or
+        taken from the kept tensors of a broadcast); if even that fails the model is marked
+        broken (`self.broken`) and `RuntimeError` is raised.
         """
         with self.runner.lock:
             try:
@@ -81,9 +102,19 @@ class ModelWeights:
                 self._restore(exc)
                 raise WeightsError(
                     f"copying the weights of {str(source)!r} failed ({exc}); the previous "
-                    f"weights from {str(self.source)!r} were restored"
+                    f"weights from {self._where()} were restored"
                 ) from exc
-        self.source = Path(source)
+        self.source, self._kept = Path(source), None
+
+    def swap_in_memory(self, tensors: dict[str, torch.Tensor], label: str) -> None:
+        """`swap` for tensors that came without a directory (a broadcast; `label` names them
+        in messages): they are kept as what a later failed copy restores."""
+        self.swap(tensors, label)
+        self.source, self._kept = None, tensors
+
+    def _where(self) -> str:
+        return "the last broadcast (kept in memory)" if self._kept is not None else repr(
+            str(self.source))
 
     def _copy(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -94,12 +125,15 @@ class ModelWeights:
 
     def _restore(self, exc: Exception) -> None:
         """Put the weights of `self.source` back after a failed copy (lock held)."""
-        logger.error("weight copy failed part-way: %s; restoring %s", exc, self.source)
+        logger.error("weight copy failed part-way: %s; restoring %s", exc, self._where())
         try:
-            if self.source is None:
+            if self._kept is not None:
+                self._copy(self._kept)
+            elif self.source is None:
                 raise RuntimeError("no directory to restore from")
-            self._copy(self.read(self.source))
+            else:
+                self._copy(self.read(self.source))
         except Exception as restore_exc:
             self.broken = (f"a failed weight copy left the model broken: {exc} (restoring "
-                           f"{str(self.source)!r} failed too: {restore_exc})")
+                           f"{self._where()} failed too: {restore_exc})")
             raise RuntimeError(self.broken) from exc

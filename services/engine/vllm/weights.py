@@ -15,6 +15,17 @@ check up front, and if vLLM still fails the previous directory is reloaded befor
 call raises `RuntimeError`. So the directory of the serving weights must stay on disk until a
 newer update succeeds: the rollout service's `WeightsManager` keeps its own copy (links) of it
 for exactly that reason.
+
+No broadcast transport (`POST /v1/weights/broadcast` answers 501 on this backend: the engine
+keeps `Engine.load_weights_from_tensors`' default). vLLM 0.32 has its own weight transfer
+(`AsyncLLM.init_weight_transfer_engine` / `start_weight_update` / `update_weights` /
+`finish_weight_update`, `vllm.distributed.weight_transfer.nccl_engine`), but it is NCCL only
+(a PyNccl communicator per GPU worker), must be enabled when the engine starts
+(`weight_transfer_config`), speaks its own packed wire format (the trainer would have to
+drive `NCCLTrainerWeightTransferEngine`, not the gloo/NCCL buckets of
+`services.student_rollout.broadcast_group`), and loads each tensor into the live model as it
+arrives, so an interrupted transfer needs a reload from disk to undo. Wiring it in needs a GPU
+host to test on; until then vLLM replicas take weights by load or upload.
 """
 
 from __future__ import annotations

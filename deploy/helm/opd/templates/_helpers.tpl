@@ -64,6 +64,36 @@ opd-job: {{ .job }}
 {{- printf "http://%s-%d.%s-headless:%v" (include "opd.rollout" $root) (index . 1) (include "opd.rollout" $root) $root.Values.rollout.port -}}
 {{- end -}}
 
+{{/* Teacher replica i by its headless-Service address: [root, i]. */}}
+{{- define "opd.teacherPodUrl" -}}
+{{- $root := index . 0 -}}
+{{- printf "http://%s-%d.%s-headless:%v" (include "opd.teacher" $root) (index . 1) (include "opd.teacher" $root) $root.Values.teacher.port -}}
+{{- end -}}
+
+{{/* The trainer's services.teacher_urls, as a JSON list: the router when enabled, else every
+     teacher pod (the trainer balances requests over them itself). */}}
+{{- define "opd.teacherUrls" -}}
+{{- $urls := list -}}
+{{- if .Values.router.enabled -}}
+{{- $urls = list (include "opd.teacherUrl" .) -}}
+{{- else -}}
+{{- range $i := until (int .Values.teacher.replicas) -}}
+{{- $urls = append $urls (include "opd.teacherPodUrl" (list $ $i)) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $urls -}}
+{{- end -}}
+
+{{/* The trainer's services.rollout_urls, as a JSON list: every rollout pod (each one gets every
+     weight update directly; requests are balanced by the trainer). */}}
+{{- define "opd.rolloutUrls" -}}
+{{- $urls := list -}}
+{{- range $i := until (int .Values.rollout.replicas) -}}
+{{- $urls = append $urls (include "opd.rolloutPodUrl" (list $ $i)) -}}
+{{- end -}}
+{{- toJson $urls -}}
+{{- end -}}
+
 {{- define "opd.apiKeySecret" -}}
 {{- default (printf "%s-api-key" (include "opd.fullname" .)) .Values.apiKey.existingSecret -}}
 {{- end -}}
