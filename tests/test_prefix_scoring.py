@@ -264,9 +264,8 @@ VLLM_LEN = 512
 def vllm_engine(tiny_models):
     """The student on vLLM (the tests of test_engine_vllm use their own; this one has room
     for prefixes longer than one 128-token CPU block)."""
-    from test_engine_vllm import LoopThread
-
     from services.engine.vllm import VLLMEngine
+    from tests.test_engine_vllm import LoopThread
 
     runner = LoopThread()
     with pytest.MonkeyPatch.context() as mp:
