@@ -13,6 +13,7 @@ import asyncio
 import importlib.util
 import itertools
 import os
+import time
 
 import numpy as np
 import pytest
@@ -248,7 +249,7 @@ def test_teacher_setting_turns_it_off(tiny_models, monkeypatch):
         for _ in range(200):
             if client.get("/ready").status_code == 200:
                 break
-            asyncio.run(asyncio.sleep(0.05))
+            time.sleep(0.05)
         assert eng.prefix_sharing is False and eng.scheduler.prefix_sharing is False
         inputs, _ = trainer_batch(4)
         body = {"sequences": [{"token_ids": i.token_ids, "start": i.start} for i in inputs[:4]]}
