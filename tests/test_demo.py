@@ -391,7 +391,7 @@ def test_ctrl_c_stops_the_services(tiny_models, gsm8k_dir, tmp_path) -> None:
         )
     try:
         deadline = time.monotonic() + 240
-        while "training (hf backend)" not in log_path.read_text(errors="replace"):
+        while "training (rollout on hf" not in log_path.read_text(errors="replace"):
             assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "the demo never started training"
             time.sleep(0.5)

@@ -50,7 +50,7 @@ def test_reference_configs_match_the_issue() -> None:
             3.0,
             "token-mean",
         )
-        assert cfg.sync.max_staleness == 0  # weights synced every step, on-policy
+        assert cfg.sync.max_staleness == 1  # one step stale; the PPO ratio corrects it
         assert isinstance(t.lr, float)
     assert opd.algorithm.algorithm == "on_policy_distill"
     assert jsd.algorithm.algorithm == "jsd" and jsd.algorithm.lambda_coef == 0.5

@@ -1,11 +1,24 @@
 """One step's training data: sample, score, grade (rank 0), and the producer that runs ahead.
 
-:func:`make_batch` is the data half of a step, in three calls::
+:func:`make_batch` is the data half of a step. It is a pipeline over the step's rollout chunks
+(one ``POST /v1/rollouts`` per ``rollout.prompts_per_request`` prompts)::
 
-    rollouts = sample_rollouts(...)   # POST /v1/rollouts, one request per prompts_per_request
-    scores   = score_rollouts(...)    # POST /v1/score of exactly those tokens, after the
-                                      # teacher's prompt (teacher.context)
-    batch    = Batch(build_sequences(...), rollout_metrics(...), ...)   # grading is a metric only
+    for each chunk, up to services.max_concurrency at once:   # sample_score_grade
+        rollouts = sample_chunk(...)     # POST /v1/rollouts
+        scorer  <- score_rollouts(...)   # POST /v1/score of exactly those tokens, after the
+                                         # teacher's prompt; up to max_concurrency requests
+        grader  <- grade_rollouts(...)   # one thread; grades are metrics only
+    batch = assemble_batch(...)          # ordered by (prompt, sample)
+
+So the teacher scores chunk ``i`` while the student still samples the later chunks, and
+grading never holds up a request. Rollout and score requests are each bounded by
+``services.max_concurrency`` (per batch). The batch is the one the sequential schedule
+(:func:`sample_rollouts`, then :func:`score_rollouts`, then grading) builds: the same
+rollout requests and seeds, order and scores; score requests are grouped by chunk rather
+than across chunks, and the times differ. ``timing/rollout_s`` is the wall time until the
+last rollout chunk returned, ``timing/score_s`` what scoring (and grading) still took after
+that; their sum is the batch's wall time. The first error (in chunk order) is raised; work
+not started yet is dropped, and a scoring error is seen once every rollout has returned.
 
 Each request's seed is fixed by ``(seed, step, first prompt)``, so a resumed run samples the
 same tokens. :class:`BatchProducer` hands out step ``t``'s batch; with
@@ -20,10 +33,12 @@ import hashlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,16 +55,24 @@ from trainer.timing import timed
 __all__ = [
     "Batch",
     "BatchProducer",
+    "ChunkWork",
     "Rollout",
+    "assemble_batch",
     "build_sequences",
+    "chunk_starts",
     "derive_seed",
+    "grade_rollouts",
     "make_batch",
     "rollout_metrics",
+    "sample_chunk",
     "sample_rollouts",
+    "sample_score_grade",
     "score_rollouts",
 ]
 
 log = logging.getLogger("opd.trainer")
+
+T = TypeVar("T")
 
 
 def derive_seed(*parts: int) -> int:
@@ -91,32 +114,49 @@ class Batch:
 # --------------------------------------------------------------------------------- one batch
 
 
+def _order(x: Rollout) -> tuple[int, int]:
+    return x.prompt_index, x.item.sample_index
+
+
+def chunk_starts(cfg: TrainConfig, examples: Sequence[Example]) -> list[int]:
+    """The first prompt of each rollout request: one per ``rollout.prompts_per_request``."""
+    return list(range(0, len(examples), cfg.rollout.prompts_per_request))
+
+
+def sample_chunk(
+    cfg: TrainConfig, services: Services, step: int, examples: Sequence[Example], start: int
+) -> list[Rollout]:
+    """One ``POST /v1/rollouts``: ``rollout.samples_per_prompt`` samples of the
+    ``rollout.prompts_per_request`` prompts from ``start``, seeded by ``(seed, step, start)``,
+    ordered by (prompt, sample)."""
+    r = cfg.rollout
+    chunk = examples[start : start + r.prompts_per_request]
+    resp = services.rollouts(
+        [{"messages": build_messages(ex.question)} for ex in chunk],
+        n=r.samples_per_prompt,
+        max_tokens=r.max_tokens,
+        temperature=r.temperature,
+        seed=derive_seed(cfg.seed, step, start),
+    )
+    rollouts = [Rollout(start + it.prompt_index, it, *rollout_item_arrays(it)) for it in resp.data]
+    return sorted(rollouts, key=_order)
+
+
 def sample_rollouts(
     cfg: TrainConfig, services: Services, step: int, examples: Sequence[Example]
 ) -> list[Rollout]:
     """``rollout.samples_per_prompt`` samples of every prompt, ordered by (prompt, sample).
 
     One request per ``rollout.prompts_per_request`` prompts, up to
-    ``services.max_concurrency`` at once.
+    ``services.max_concurrency`` at once, all returned together: the sequential schedule's
+    first half (:func:`make_batch` scores each chunk as it returns instead).
     """
-    r = cfg.rollout
 
     def sample(start: int) -> list[Rollout]:
-        chunk = examples[start : start + r.prompts_per_request]
-        resp = services.rollouts(
-            [{"messages": build_messages(ex.question)} for ex in chunk],
-            n=r.samples_per_prompt,
-            max_tokens=r.max_tokens,
-            temperature=r.temperature,
-            seed=derive_seed(cfg.seed, step, start),
-        )
-        return [Rollout(start + it.prompt_index, it, *rollout_item_arrays(it)) for it in resp.data]
+        return sample_chunk(cfg, services, step, examples, start)
 
-    starts = list(range(0, len(examples), r.prompts_per_request))
-    parts = map_concurrently(sample, starts, cfg.services.max_concurrency)
-    return sorted(
-        (x for part in parts for x in part), key=lambda x: (x.prompt_index, x.item.sample_index)
-    )
+    parts = map_concurrently(sample, chunk_starts(cfg, examples), cfg.services.max_concurrency)
+    return sorted((x for part in parts for x in part), key=_order)
 
 
 def score_rollouts(
@@ -136,6 +176,44 @@ def score_rollouts(
         sequences_per_request=cfg.teacher.sequences_per_request,
         max_concurrency=cfg.services.max_concurrency,
     )
+
+
+def grade_rollouts(rollouts: Sequence[Rollout], examples: Sequence[Example]) -> list[Grade]:
+    """Each response graded against its problem's ground truth (a metric, never a reward)."""
+    return [grade(x.item.text, examples[x.prompt_index].ground_truth) for x in rollouts]
+
+
+@dataclass
+class ChunkWork:
+    """One sampled chunk and the work it started: its score requests (in rollout order, one
+    per ``teacher.sequences_per_request`` samples) and its grading."""
+
+    rollouts: list[Rollout]
+    scores: list[Future[list[TokenScores]]]
+    grades: Future[list[Grade]]
+
+
+def sample_score_grade(
+    cfg: TrainConfig,
+    services: Services,
+    step: int,
+    examples: Sequence[Example],
+    start: int,
+    context: TeacherContext,
+    scorer: Executor,
+    grader: Executor,
+) -> ChunkWork:
+    """One chunk: sample it, then hand its scoring to ``scorer`` and its grading to ``grader``
+    and return, so this thread can send the next rollout request while those run."""
+    rollouts = sample_chunk(cfg, services, step, examples, start)
+    size = cfg.teacher.sequences_per_request
+    # Requests of at most sequences_per_request each: one task is one /v1/score request, so
+    # the scorer's worker count is the bound on requests in flight.
+    scores = [
+        scorer.submit(score_rollouts, cfg, services.teacher, part, examples, context)
+        for part in (rollouts[k : k + size] for k in range(0, len(rollouts), size))
+    ]
+    return ChunkWork(rollouts, scores, grader.submit(grade_rollouts, rollouts, examples))
 
 
 def build_sequences(
@@ -220,21 +298,17 @@ def example_samples(
     return out
 
 
-def make_batch(
+def assemble_batch(
     cfg: TrainConfig,
-    services: Services,
     step: int,
     examples: Sequence[Example],
     sampler_state: dict[str, Any],
-    context: TeacherContext,
+    rollouts: Sequence[Rollout],
+    scores: Sequence[TokenScores],
+    grades: Sequence[Grade],
+    timing: dict[str, float],
 ) -> Batch:
-    """Sample, score and grade one step's prompts (rank 0; may run in a background thread)."""
-    timing: dict[str, float] = {}
-    with timed("rollout", timing):
-        rollouts = sample_rollouts(cfg, services, step, examples)
-    with timed("score", timing):
-        scores = score_rollouts(cfg, services.teacher, rollouts, examples, context)
-    grades = [grade(x.item.text, examples[x.prompt_index].ground_truth) for x in rollouts]
+    """The :class:`Batch` of sampled, scored and graded rollouts (ordered by prompt, sample)."""
     sequences = build_sequences(cfg, rollouts, scores)
     metrics = rollout_metrics(rollouts, grades, sequences, len(examples)) | timing
     if metrics["rollout/nonfinite_frac"] > 0:
@@ -250,6 +324,85 @@ def make_batch(
         versions=[x.item.policy_version for x in rollouts],
         metrics=metrics,
         samples=example_samples(cfg, examples, rollouts, grades),
+    )
+
+
+@contextmanager
+def _executor(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool that, when the block fails, drops its queued tasks (the batch is lost)
+    and waits only for the running ones."""
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix=name)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _results(futures: Sequence[Future[T]]) -> list[T]:
+    """The results in order. At the first failure the tasks not started yet are cancelled and,
+    once the running ones are done, the first error in order is raised."""
+    wait(futures, return_when=FIRST_EXCEPTION)
+    if any(f.done() and not f.cancelled() and f.exception() is not None for f in futures):
+        for f in futures:
+            f.cancel()
+        wait(futures)
+        next(f for f in futures if not f.cancelled() and f.exception() is not None).result()
+    return [f.result() for f in futures]
+
+
+def make_batch(
+    cfg: TrainConfig,
+    services: Services,
+    step: int,
+    examples: Sequence[Example],
+    sampler_state: dict[str, Any],
+    context: TeacherContext,
+) -> Batch:
+    """Sample, score and grade one step's prompts, pipelined by chunk (module docstring;
+    rank 0; may run in a background thread)."""
+    limit = cfg.services.max_concurrency
+    starts = chunk_starts(cfg, examples)
+    timing: dict[str, float] = {}
+    # Exits in reverse order: the rollout workers finish handing work to the others first.
+    with (
+        _executor(limit, "opd-score") as scorer,
+        _executor(1, "opd-grade") as grader,
+        _executor(min(limit, len(starts)), "opd-rollout") as sampler,
+    ):
+        one = partial(
+            sample_score_grade,
+            cfg,
+            services,
+            step,
+            examples,
+            context=context,
+            scorer=scorer,
+            grader=grader,
+        )
+        with timed("rollout", timing):
+            chunks = _results([sampler.submit(one, start) for start in starts])
+        with timed("score", timing):
+            scores = _results([part for c in chunks for part in c.scores])
+            grades = _results([c.grades for c in chunks])
+    scored = zip(
+        (x for c in chunks for x in c.rollouts),
+        (s for part in scores for s in part),
+        (g for part in grades for g in part),
+        strict=True,
+    )
+    # Chunks cover increasing prompt ranges, so this sort is a check more than a reorder.
+    ordered = sorted(scored, key=lambda t: _order(t[0]))
+    return assemble_batch(
+        cfg,
+        step,
+        examples,
+        sampler_state,
+        [x for x, _, _ in ordered],
+        [s for _, s, _ in ordered],
+        [g for _, _, g in ordered],
+        timing,
     )
 
 
@@ -288,7 +441,11 @@ class BatchProducer:
         last_step: int,
         start_step: int,
         context: TeacherContext,
+        build: Callable[..., Batch] = make_batch,
     ):
+        """``build``: what makes one batch, with :func:`make_batch`'s arguments (a seam for
+        bench/pipeline.py to compare schedules)."""
+        self.build = build
         self.cfg = cfg
         self.context = context
         self.services = services
@@ -308,7 +465,7 @@ class BatchProducer:
         examples = self.sampler.next_batch(self.cfg.rollout.prompts_per_step)
 
         def job() -> Batch:
-            return make_batch(self.cfg, self.services, step, examples, state, self.context)
+            return self.build(self.cfg, self.services, step, examples, state, self.context)
 
         ahead = self.cfg.sync.max_staleness > 0
         self._queue.append((step, state, _in_thread(job) if ahead else job))

@@ -21,6 +21,7 @@ back the rollout's own prompt ids (nothing is re-tokenized).
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +77,9 @@ class TeacherContext:
         self.tokenizer = tokenizer
         self._prefix = self._shot_turns()
         self._cache: dict[int, list[int]] = {}
+        # Batches are scored on several threads, and a fast tokenizer used by two at once
+        # can fail ("Already borrowed"): one tokenization at a time.
+        self._lock = threading.Lock()
 
     @property
     def active(self) -> bool:
@@ -102,9 +106,10 @@ class TeacherContext:
         if not self.active:
             return [int(t) for t in student_prompt_ids]
         key = example.index
-        if key not in self._cache:
-            self._cache[key] = chat_ids(self.tokenizer, self.messages(example))
-        return self._cache[key]
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = chat_ids(self.tokenizer, self.messages(example))
+            return self._cache[key]
 
     def context_tokens(self) -> int:
         """Tokens of the shared part (system prompt and few-shot turns), for the budget check."""

@@ -252,6 +252,11 @@ class WeightSync:
         """Re-push the current weights if a replica serves less than ``expected_min`` (it
         restarted and lost them): to ``replica``, or to every live one. Returns whether it
         did."""
+        # Every rollout answer comes through here: the usual case must not wait on the lock
+        # a push holds while it writes and sends a whole version (a producer thread would
+        # stall for the push, not just the service's swap).
+        if served_version >= expected_min:
+            return False
         with self._lock:
             if served_version >= expected_min or self._last_dir is None:
                 return False
