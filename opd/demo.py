@@ -69,7 +69,7 @@ def service_env() -> dict[str, str]:
     """Environment of a demo service on a small CPU.
 
     The step's phases take turns (sample, then score, then train; the teacher's row is
-    measured after training), so each phase may use every core: vLLM's default binding puts
+    measured before or after training, never during it), so each phase may use every core: vLLM's default binding puts
     one OpenMP thread on core 0 and keeps core 1 for its own processes, and two vLLM services
     on a 2-core machine then share core 0 while core 1 waits (measured: scoring 2.0x and
     sampling 1.5x faster with every core). The KV cache stays modest: two services and the
@@ -82,7 +82,7 @@ def service_env() -> dict[str, str]:
     return env
 
 
-def _default_backend() -> str:
+def default_backend() -> str:
     try:
         import vllm  # noqa: F401
     except Exception:
@@ -143,16 +143,38 @@ def running_services(
 
 def _teacher_row(cfg, teacher_url: str, heldout, context, name: str) -> Row:
     """The teacher's row: its greedy answers (with its context) to the held-out problems,
-    measured after training, when the services are otherwise idle (on a small CPU two
-    services working at once slow each other down more than they gain)."""
+    from the teacher service, measured after training, when the services are otherwise idle
+    (on a small CPU two services working at once slow each other down more than they gain).
+    One request at a time: the hf engine answers chat requests one by one, and queued ones
+    would run past the service's request timeout."""
     from trainer import eval as trainer_eval
     from trainer.clients import TeacherClient
 
     client = TeacherClient("teacher", teacher_url)
     gen = trainer_eval.chat_completions_generator(
-        client, client.info().served_model_name, max_concurrency=cfg.services.max_concurrency
+        client, client.info().served_model_name, max_concurrency=1
     )
     return measure_teacher(gen, heldout, cfg.eval.max_tokens, context, name)
+
+
+def _teacher_row_on_rollout(cfg, rollout_url: str, heldout, context, name: str) -> Row:
+    """The teacher's row from the rollout service before training, when it serves the
+    teacher's own checkpoint (context distillation: one model, two prompts): batched greedy
+    requests through ``/v1/rollouts``, where vLLM computes the shared few-shot context once
+    (prefix cache) instead of once per problem."""
+    from trainer import eval as trainer_eval
+    from trainer.clients import RolloutClient
+
+    client = RolloutClient("rollout", rollout_url)
+    try:
+        gen = trainer_eval.rollout_generator(
+            client.rollouts,
+            prompts_per_request=cfg.eval.prompts_per_request,
+            max_concurrency=1,
+        )
+        return measure_teacher(gen, heldout, cfg.eval.max_tokens, context, name)
+    finally:
+        client.close()
 
 
 def split_run_dir(run_dir: str | None, overrides: Sequence[str]) -> tuple[Path, list[str]]:
@@ -329,7 +351,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
 
     teacher_model, student_model = _models(args)
-    backend = _default_backend() if args.backend == "auto" else args.backend
+    backend = default_backend() if args.backend == "auto" else args.backend
     teacher_backend = backend if args.teacher_backend == "auto" else args.teacher_backend
 
     overrides = [
@@ -373,6 +395,16 @@ def main(argv: Sequence[str]) -> int:
                     f"services.rollout_url={rollout.base_url}",
                 ],
             )
+            teacher_row_ = None
+            same_checkpoint = Path(teacher_model).resolve() == Path(student_model).resolve()
+            if not args.no_teacher_eval and same_checkpoint:
+                log.info(
+                    "measuring the %s on %d held-out problems (on the rollout service, which "
+                    "serves the same checkpoint until training starts)", teacher_name, n_heldout
+                )
+                teacher_row_ = _teacher_row_on_rollout(
+                    cfg, rollout.base_url, heldout, context, teacher_name
+                )
             log.info(
                 "training (rollout on %s, teacher on %s); the trainer evaluates at start and end%s",
                 backend,
@@ -381,8 +413,7 @@ def main(argv: Sequence[str]) -> int:
             )
             train_dir = train(cfg)
             before, after, steps = student_rows(train_dir)
-            teacher_row_ = None
-            if not args.no_teacher_eval:
+            if not args.no_teacher_eval and teacher_row_ is None:
                 log.info("measuring the %s on %d held-out problems", teacher_name, n_heldout)
                 teacher_row_ = _teacher_row(cfg, teacher.base_url, heldout, context, teacher_name)
     except KeyboardInterrupt:

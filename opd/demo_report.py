@@ -314,9 +314,13 @@ def report(
         + (f" (teacher {teacher.format_rate:.1%})" if teacher else "")
     )
     if before.reverse_kl is not None and after.reverse_kl is not None:
-        drop = before.reverse_kl - after.reverse_kl
-        rel = drop / before.reverse_kl if before.reverse_kl else 0.0
-        print(f"reverse KL to the teacher fell by {drop:.4f} nats/token ({rel:.0%}).")
+        change = after.reverse_kl - before.reverse_kl
+        rel = abs(change) / before.reverse_kl if before.reverse_kl else 0.0
+        verb = "fell" if change < 0 else "rose"
+        print(
+            f"reverse KL to the teacher {verb} by {abs(change):.4f} nats/token ({rel:.0%}): "
+            f"{before.reverse_kl:.4f} -> {after.reverse_kl:.4f}."
+        )
     progress = train_dir / "plots" / EVAL_PROGRESS_FILE
     print(f"metrics: {train_dir / 'metrics.jsonl'}")
     print("plots:   " + ", ".join(str(p) for p in plots))

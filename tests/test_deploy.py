@@ -467,6 +467,14 @@ def test_volumes_and_weight_sync() -> None:
             source, read_only = _mounts(svc)["/shared"]
             assert source.endswith("shared") and not read_only
         assert weights_dir.startswith("/shared/")
+        # The weights directory is its own tmpfs volume, the same one in both containers.
+        for svc in (rollout, trainer):
+            source, read_only = _mounts(svc)[weights_dir]
+            assert source.endswith("weights") and not read_only
+        weights = model["volumes"]["weights"]
+        opts = weights["driver_opts"]
+        assert weights.get("driver", "local") == "local" and opts["type"] == "tmpfs"
+        assert "size=8g" in opts["o"] and "uid=10001" in opts["o"]
         overrides = _overrides(_command(trainer))
         assert overrides["sync.method"] == "load"
         assert overrides["sync.shared_dir"] == weights_dir
