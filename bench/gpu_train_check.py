@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python bench/gpu_train_check.py` from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from services.launch import start_service, wait_all_ready  # noqa: E402
+from opd.demo import running_services  # noqa: E402
 
 CONFIG = REPO_ROOT / "examples" / "opd_gsm8k" / "demo_pruned.yaml"
 PARTS = ("rollout", "score", "wait", "train", "weight_sync", "step")
@@ -155,31 +155,19 @@ def _run(args: argparse.Namespace, out: Path, work: Path) -> int:
     build_s = time.monotonic() - t0
     weights_dir, run_dir = work / "weights", out / "run"
     weights_dir.mkdir()
-    common = ["--backend", "hf", "--device", args.device, "--dtype", "bfloat16",
-              "--max-model-len", "1024"]
-    services = [
-        start_service("services.teacher", ["--model", str(teacher), *common], name="teacher",
-                      log_path=out / "teacher.log", wait=False),
-        start_service("services.student_rollout", ["--model", str(student), "--weights-dir",
-                      str(weights_dir), *common], name="rollout", log_path=out / "rollout.log",
-                      wait=False),
-    ]
-    try:
-        t1 = time.monotonic()
-        wait_all_ready(services, args.ready_timeout)
+    t1 = time.monotonic()
+    with running_services(teacher, student, weights_dir, "hf", out, args.ready_timeout,
+                          dtype="bfloat16", device=args.device) as (t_svc, r_svc):
         ready_s = time.monotonic() - t1
         cmd = [sys.executable, "-m", "trainer", str(CONFIG),
-               *overrides(args, teacher, student, (services[0].base_url, services[1].base_url),
-                          run_dir, weights_dir)]
+               *overrides(args, teacher, student, (t_svc.base_url, r_svc.base_url), run_dir,
+                          weights_dir)]
         env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
         t2 = time.monotonic()
         with (out / "trainer.log").open("w") as log:
             rc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 check=False).returncode
         train_s = time.monotonic() - t2
-    finally:
-        for svc in reversed(services):
-            svc.stop()
     metrics = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     summary = summarize(records) | {

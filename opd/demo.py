@@ -69,11 +69,12 @@ def service_env() -> dict[str, str]:
     """Environment of a demo service on a small CPU.
 
     The step's phases take turns (sample, then score, then train; the teacher's row is
-    measured before or after training, never during it), so each phase may use every core: vLLM's default binding puts
-    one OpenMP thread on core 0 and keeps core 1 for its own processes, and two vLLM services
-    on a 2-core machine then share core 0 while core 1 waits (measured: scoring 2.0x and
-    sampling 1.5x faster with every core). The KV cache stays modest: two services and the
-    trainer share the memory. Values set in the environment win.
+    measured before or after training, never during it), so each phase may use every core:
+    vLLM's default binding puts one OpenMP thread on core 0 and keeps core 1 for its own
+    processes, and two vLLM services on a 2-core machine then share core 0 while core 1
+    waits (measured: scoring 2.0x and sampling 1.5x faster with every core). The KV cache
+    stays modest: two services and the trainer share the memory. Values set in the
+    environment win.
     """
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
@@ -100,12 +101,16 @@ def running_services(
     ready_timeout_s: float,
     max_model_len: int = 1024,
     teacher_backend: str | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
 ) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     """Teacher and rollout services for the duration of the block; always stopped after.
 
     Both load at the same time (the same directory may serve as both: the rollout service
     then starts from the teacher's weights); their logs go to ``log_dir/{teacher,rollout}.log``.
     ``backend`` is the rollout service's, ``teacher_backend`` the teacher's (default: the same).
+    ``dtype`` is both engines'; ``device`` (hf backend: ``cpu``, ``cuda``...) is passed on when
+    given, else each service picks its own.
     """
     started: list[ServiceProcess] = []
     try:
@@ -119,8 +124,10 @@ def running_services(
             ),
         ):
             svc_backend = svc_backend or backend
-            extra = ["--backend", svc_backend, "--dtype", "float32"]
+            extra = ["--backend", svc_backend, "--dtype", dtype]
             extra += ["--max-model-len", str(max_model_len)]
+            if device is not None:
+                extra += ["--device", device]
             if svc_backend == "vllm":
                 extra += ["--enforce-eager"]
             started.append(
@@ -145,8 +152,8 @@ def _teacher_row(cfg, teacher_url: str, heldout, context, name: str) -> Row:
     """The teacher's row: its greedy answers (with its context) to the held-out problems,
     from the teacher service, measured after training, when the services are otherwise idle
     (on a small CPU two services working at once slow each other down more than they gain).
-    One request at a time: the hf engine answers chat requests one by one, and queued ones
-    would run past the service's request timeout."""
+    One request at a time: with eight at once on 2 cores, 4-shot chats ran past the service's
+    request timeout (503) and were retried from the start."""
     from trainer import eval as trainer_eval
     from trainer.clients import TeacherClient
 
