@@ -335,7 +335,9 @@ class BroadcastStatus(BaseModel):
         None, description="how the last broadcast ended (null while receiving or before one)"
     )
     buckets: int | None = None
-    buckets_received: int = 0
+    buckets_received: int = Field(
+        0, description="buckets in so far (vllm backend: counted only once all have arrived)"
+    )
     error: str | None = None
     policy_version: int = Field(description="the version serving now")
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common.settings import ServiceSettings, parse_settings
+from services.common.settings import SERVICE_ENGINE_FIELDS, ServiceSettings, parse_settings
 
 # The same names the engine backends import (an import list, not logic).
 from services.engine.base import (
@@ -29,6 +29,7 @@ from services.engine.base import (
     ScoreInput,
     ScoreResult,
 )
+from services.student_rollout.settings import RolloutSettings
 from services.teacher.app import TeacherSettings, build_app
 
 
@@ -138,11 +139,17 @@ def test_settings_precedence_cli_over_env_over_default(monkeypatch) -> None:
 
 
 def test_settings_mirror_engine_config_and_refuse_bad_values(monkeypatch, capsys) -> None:
-    assert set(EngineConfig.model_fields) <= set(ServiceSettings.model_fields)
+    # Every engine knob is a flag, except what each service decides itself.
+    flags = set(EngineConfig.model_fields) - SERVICE_ENGINE_FIELDS
+    assert flags <= set(ServiceSettings.model_fields)
+    assert not SERVICE_ENGINE_FIELDS & set(ServiceSettings.model_fields)
     cfg = TeacherSettings(model="m", backend="vllm", dtype="float32",
                           enforce_eager=True).engine_config()
     assert (cfg.model, cfg.backend, cfg.dtype, cfg.enforce_eager) == ("m", "vllm", "float32",
                                                                       True)
+    # The rollout service takes weights by broadcast (vLLM's weight transfer); the teacher not.
+    assert cfg.weight_transfer is False
+    assert RolloutSettings(model="m", backend="vllm").engine_config().weight_transfer is True
     monkeypatch.delenv("OPD_MODEL", raising=False)
     with pytest.raises(SystemExit) as exc:
         parse_settings(TeacherSettings, ["--max-top-k", "-3", "--model", "m"])

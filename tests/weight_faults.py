@@ -3,17 +3,23 @@
 A checkpoint whose safetensors metadata holds `opd_test_fault` passes every check (names,
 shapes, dtypes) but fails *inside the engine* while being applied, the way a device error or
 a file changed under the reader would: the hf backend's copy stops half-way, vLLM's
-`reload_weights` raises. Nothing else differs from `python -m services.student_rollout`, so
-tests see what the real service does after such a failure (tests/test_weights_restore.py).
+`reload_weights` raises. On the vllm backend, so does loading a broadcast whose version is
+listed in `OPD_TEST_FAULT_VERSIONS` (comma-separated): its `load` call into vLLM's
+weight-transfer engine raises before reaching the worker (leaving vLLM's update session
+open, as a call cut off on its way would). Nothing else differs from
+`python -m services.student_rollout`, so tests see what the real service does after such a
+failure (tests/test_weights_restore.py, tests/test_broadcast_sync.py).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 FAULT_KEY = "opd_test_fault"
+FAULT_VERSIONS_ENV = "OPD_TEST_FAULT_VERSIONS"
 
 
 def is_marked(directory: str | Path) -> bool:
@@ -67,6 +73,20 @@ def _install_vllm() -> None:
         return await rpc(self, method, *args, **kwargs)
 
     AsyncLLM.collective_rpc = faulty_rpc  # type: ignore[method-assign]
+
+    update = AsyncLLM.update_weights
+    versions = {int(v) for v in os.environ.get(FAULT_VERSIONS_ENV, "").split(",") if v.strip()}
+    received: dict[str, int] = {}
+
+    async def faulty_update(self: AsyncLLM, request: Any) -> None:
+        info = request.update_info if isinstance(request.update_info, dict) else {}
+        if info.get("action") == "receive":
+            received["version"] = info["request"]["version"]
+        elif info.get("action") == "load" and received.get("version") in versions:
+            raise RuntimeError("injected fault: vLLM failed while loading the broadcast")
+        return await update(self, request)
+
+    AsyncLLM.update_weights = faulty_update  # type: ignore[method-assign]
 
 
 def main(argv: list[str]) -> int:

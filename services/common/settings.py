@@ -22,6 +22,10 @@ from services.engine.base import EngineConfig
 
 S = TypeVar("S", bound=BaseSettings)
 
+# EngineConfig fields that are not flags: the service decides (the rollout service turns vLLM's
+# weight transfer on, the teacher leaves it off).
+SERVICE_ENGINE_FIELDS = frozenset({"weight_transfer"})
+
 
 class ServiceSettings(BaseSettings):
     """Everything a service process needs: the engine, the socket, the key and the limits.
@@ -108,8 +112,10 @@ class ServiceSettings(BaseSettings):
     )
 
     def engine_config(self) -> EngineConfig:
-        """The `EngineConfig` these settings describe (every EngineConfig field is mirrored)."""
-        return EngineConfig(**{name: getattr(self, name) for name in EngineConfig.model_fields})
+        """The `EngineConfig` these settings describe (every EngineConfig field is mirrored,
+        except those a service sets itself: `SERVICE_ENGINE_FIELDS`)."""
+        return EngineConfig(**{name: getattr(self, name) for name in EngineConfig.model_fields
+                               if name not in SERVICE_ENGINE_FIELDS})
 
     def limits(self) -> dict[str, int]:
         """The limits as published in `/info` (`InfoResponse.limits`)."""

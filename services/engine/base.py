@@ -11,12 +11,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .tokenization import load_tokenizer
+
+if TYPE_CHECKING:
+    from services.protocol import BroadcastInitRequest, BroadcastRequest
 
 
 class EngineConfig(BaseModel):
@@ -38,6 +41,11 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     enforce_eager: bool = False
     max_num_seqs: int = Field(256, ge=1)
+    weight_transfer: bool = Field(
+        False,
+        description="vllm: start vLLM's weight-transfer engine, so weights can arrive over a "
+        "broadcast (set by the rollout service, not a flag)",
+    )
     # hf backend: dynamic batching
     max_batch_tokens: int = Field(16384, ge=1, description="hf: padded tokens per forward batch")
     batch_wait_ms: float = Field(2.0, ge=0.0, description="hf: how long to gather a batch")
@@ -120,6 +128,44 @@ class EngineRequestError(ValueError):
     """
 
 
+class BroadcastReceiver(abc.ABC):
+    """Weight broadcasts taken by the engine itself, where its model lives (the vllm backend:
+    inside vLLM's worker process), instead of by the service.
+
+    The rollout service checks every request first (`services.student_rollout.broadcast`) and
+    calls, in order: `join` once per group; per broadcast `receive` (every bucket into
+    staging, checked, nothing changes), then either `commit` (under the service's write lock)
+    or `discard`; `leave` when the group is dropped. Failures raise `WeightsError` when the
+    weights do not fit, `RuntimeError` otherwise; either way the old weights keep serving.
+    """
+
+    @abc.abstractmethod
+    def unsupported(self) -> str | None:
+        """None when broadcasts work on this engine as started; else why not."""
+
+    @abc.abstractmethod
+    async def join(self, init: BroadcastInitRequest, host: str) -> None:
+        """Join the trainer's group as `init.rank` (gloo bound to `host`); returns once every
+        rank is in, raises when joining fails or times out."""
+
+    @abc.abstractmethod
+    async def receive(self, request: BroadcastRequest) -> None:
+        """Receive the buckets of `request` over the joined group into staging and check them
+        against the model; the serving weights are untouched."""
+
+    @abc.abstractmethod
+    async def commit(self) -> None:
+        """Swap the received weights in (a failure part-way restores the previous ones)."""
+
+    @abc.abstractmethod
+    async def discard(self) -> None:
+        """Drop what `receive` staged (a cancelled or refused broadcast); idempotent."""
+
+    @abc.abstractmethod
+    async def leave(self) -> None:
+        """Drop the group (a no-op when none is joined or the engine has stopped)."""
+
+
 class Engine(abc.ABC):
     """One model behind one async interface; both services talk only to this."""
 
@@ -183,3 +229,8 @@ class Engine(abc.ABC):
         Raises `WeightsError` (old weights untouched) when they do not fit, and
         `NotImplementedError` where `tensor_weights_unsupported()` says why not."""
         raise NotImplementedError(self.tensor_weights_unsupported())
+
+    def broadcast_receiver(self) -> BroadcastReceiver | None:
+        """The engine's own broadcast receiver, or None when the service receives broadcasts
+        itself and hands the tensors to `load_weights_from_tensors`."""
+        return None

@@ -2,11 +2,13 @@
 
 The trainer (rank 0) and every replica join one process group of their own
 (`broadcast_group`); the trainer sends the state dict in buckets, each replica receives into
-staging tensors and swaps them in like a checkpoint from disk. Behind the API key, like every
-weight route:
+staging tensors and swaps them in like a checkpoint from disk. Who joins and receives depends
+on the engine (`broadcast_transport`): this process for hf, the engine itself for vllm (in
+vLLM's worker, through vLLM's weight-transfer API); the routes and their checks are the same.
+Behind the API key, like every weight route:
 
 - `POST /v1/weights/broadcast/init` (`BroadcastInitRequest`) -> 202: the replica starts
-  joining in a background thread and answers at once, so the trainer can call every replica
+  joining in the background and answers at once, so the trainer can call every replica
   and then join itself as rank 0 (joining completes when all ranks are in);
 - `POST /v1/weights/broadcast` (`BroadcastRequest`: version, group, manifest of names,
   shapes and dtypes, bucket size) -> 202: everything is checked first (the version is newer,
@@ -27,13 +29,11 @@ dropped on any failure, and the next `init` starts a fresh one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Query, Request
@@ -42,123 +42,27 @@ from services.common.app import ServiceState, get_state
 from services.common.errors import APIError
 from services.common.openapi import error_responses
 from services.engine.base import Engine, WeightsError
-from services.engine.checkpoint import CheckpointSpec, check_layout
-from services.engine.dtypes import canonical_dtype
-from services.protocol import (
-    BroadcastBucket,
-    BroadcastInitRequest,
-    BroadcastRequest,
-    BroadcastStatus,
-)
+from services.protocol import BroadcastInitRequest, BroadcastRequest, BroadcastStatus
 from services.student_rollout.broadcast_group import (
-    bucket_device,
+    BroadcastCancelled,
     describe_error,
-    join_group,
     local_host_towards,
-    unpack,
+)
+from services.student_rollout.broadcast_manifest import check_manifest
+from services.student_rollout.broadcast_transport import (
+    SOURCE,
+    Job,
+    Swap,
+    Transport,
+    make_transport,
+    transport_unsupported,
 )
 from services.student_rollout.versioning import PolicyVersions, VersionConflict, unwrap_engine
 from services.student_rollout.weights import WeightsManager
 
 logger = logging.getLogger("opd.student_rollout")
 
-T = TypeVar("T")
-SOURCE = "broadcast"
-
-
-class _Cancelled(Exception):
-    """The broadcast was cancelled (DELETE, shutdown) before it was swapped in."""
-
-
-def _in_thread(
-    fn: Callable[[], T], then: Callable[[BaseException | None, Any], None] | None = None
-) -> asyncio.Future[T]:
-    """Run blocking `fn` on a daemon thread of its own; its result as an asyncio future.
-
-    Not the default executor: a join or a bucket may block for the group's whole timeout.
-    `then(error, result)` runs on the loop just before the future is settled, so whoever sees
-    the future done also sees what `then` did.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if then is not None:
-            then(None if ok else value, value if ok else None)
-        if not future.done():
-            (future.set_result if ok else future.set_exception)(value)
-
-    def run() -> None:
-        try:
-            value, ok = fn(), True
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            value, ok = exc, False
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
-            loop.call_soon_threadsafe(settle, ok, value)
-
-    threading.Thread(target=run, name="opd-weights-broadcast", daemon=True).start()
-    return future
-
-
-def _bad_manifest(message: str, param: str, serving: int) -> APIError:
-    return APIError(
-        400,
-        f"{message}; still serving policy_version {serving}",
-        param=param,
-        code="invalid_manifest",
-    )
-
-
-def check_manifest(req: BroadcastRequest, spec: CheckpointSpec, serving: int) -> None:
-    """400 naming the entry unless the manifest holds exactly the model's tensors."""
-    allowed = {**spec.optional, **spec}
-    seen: dict[str, int] = {}
-    for i, t in enumerate(req.tensors):
-        at = f"tensors[{i}]"
-        if t.name in seen:
-            raise _bad_manifest(
-                f"{at}.name: {t.name!r} appears twice (also tensors[{seen[t.name]}])",
-                f"tensors.{i}.name",
-                serving,
-            )
-        seen[t.name] = i
-        if t.name not in allowed:
-            raise _bad_manifest(
-                f"{at}.name: {t.name!r} is not a tensor of this model's checkpoint",
-                f"tensors.{i}.name",
-                serving,
-            )
-        shape, dtype = tuple(allowed[t.name][0]), canonical_dtype(allowed[t.name][1])
-        if tuple(t.shape) != shape:
-            raise _bad_manifest(
-                f"{at}.shape: tensor {t.name!r} has shape {tuple(t.shape)}, expected {shape}",
-                f"tensors.{i}.shape",
-                serving,
-            )
-        if canonical_dtype(t.dtype) != dtype:
-            raise _bad_manifest(
-                f"{at}.dtype: tensor {t.name!r} has dtype {t.dtype}, expected "
-                f"{dtype} (safetensors' spelling)",
-                f"tensors.{i}.dtype",
-                serving,
-            )
-    try:  # what is left: required names the manifest lacks
-        check_layout({t.name: (tuple(t.shape), t.dtype) for t in req.tensors}, spec)
-    except WeightsError as exc:
-        raise _bad_manifest(f"tensors: {exc}", "tensors", serving) from exc
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One broadcast being received."""
-
-    req: BroadcastRequest
-    plan: list[BroadcastBucket]
-    generation: int
-    backend: str
-    device: torch.device
-    cancel: threading.Event
-    started: float
+__all__ = ["SOURCE", "BroadcastManager", "broadcast_router", "check_manifest"]
 
 
 class BroadcastManager:
@@ -178,8 +82,8 @@ class BroadcastManager:
         # Bumped whenever the group is dropped or replaced: a join or a receive that finishes
         # under an older generation must not touch the state (nor swap anything in).
         self.generation = 0
-        self._group: Any = None
-        self._store: Any = None
+        # This replica's end of the group (None: no group).
+        self._transport: Transport | None = None
         self._pending: asyncio.Future[Any] | None = None
         self._cancel = threading.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -215,7 +119,9 @@ class BroadcastManager:
         """Drop the group (its connections close once a receive still using it ends)."""
         self.generation += 1
         self._cancel.set()
-        self._group = self._store = None
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
         self._pending = None
         self.state, self.error = state, error
         if state == "idle":
@@ -227,8 +133,8 @@ class BroadcastManager:
 
     # ----------------------------------------------------------------- checks
 
-    def _require_tensor_weights(self, engine: Engine) -> None:
-        reason = engine.tensor_weights_unsupported()
+    def _require_transport(self, engine: Engine) -> None:
+        reason = transport_unsupported(engine)
         if reason is not None:
             raise APIError(
                 501,
@@ -252,7 +158,7 @@ class BroadcastManager:
         self, state: ServiceState, engine: Engine, req: BroadcastInitRequest
     ) -> BroadcastStatus:
         """Validate, then join the group in the background; answers at once."""
-        self._require_tensor_weights(engine)
+        self._require_transport(engine)
         if req.rank >= req.world_size:
             raise APIError(
                 400,
@@ -285,21 +191,18 @@ class BroadcastManager:
         self.version = self.result = self.buckets = None
         self.received = 0
         generation = self.generation
-
-        self._pending = _in_thread(
-            lambda: join_group(req, host=host, device=device),
-            lambda error, joined: self._joined(generation, error, joined),
+        self._transport = transport = make_transport(engine)
+        self._pending = transport.join(
+            req, host, device, lambda error: self._joined(generation, error)
         )
         where = f"rank {req.rank} of {req.world_size}, {req.backend}, via {req.master_addr}"
         logger.info("joining weight broadcast group %r (%s)", req.group_name, where)
         return self.status()
 
-    def _joined(
-        self, generation: int, exc: BaseException | None, joined: tuple[Any, Any] | None
-    ) -> None:
+    def _joined(self, generation: int, exc: BaseException | None) -> None:
         if generation != self.generation:
-            return  # superseded: the group (if any) is dropped with the future
-        if exc is not None or joined is None:
+            return  # superseded: its transport was closed, so the group (if any) is dropped
+        if exc is not None:
             assert self.init is not None
             self.drop(
                 state="failed",
@@ -307,7 +210,6 @@ class BroadcastManager:
             )
             logger.warning("weight broadcast: %s", self.error)
             return
-        self._store, self._group = joined
         self.state = "ready"
         logger.info("joined weight broadcast group %r", self.init.group_name if self.init else "")
 
@@ -317,7 +219,7 @@ class BroadcastManager:
         self, state: ServiceState, engine: Engine, req: BroadcastRequest, started: float
     ) -> BroadcastStatus:
         """Validate everything, then receive and swap in the background; answers at once."""
-        self._require_tensor_weights(engine)
+        self._require_transport(engine)
         spec = self.weights._require_spec()
         init = self.init
         if (
@@ -333,8 +235,13 @@ class BroadcastManager:
             raise self._in_flight()
         if self.state == "joining" and init is not None:
             await self.wait(init.timeout_s)
-        init = self.init
-        if self.state != "ready" or init is None or init.group_name != req.group_name:
+        init, transport = self.init, self._transport
+        if (
+            self.state != "ready"
+            or init is None
+            or transport is None
+            or init.group_name != req.group_name
+        ):
             joined = f"group {init.group_name!r} is {self.state}" if init else "no group"
             why = f" ({self.error})" if self.error else ""
             raise APIError(
@@ -350,50 +257,29 @@ class BroadcastManager:
         self.state, self.error = "receiving", None
         self.version, self.result, self.buckets, self.received = req.version, None, len(plan), 0
         self._cancel = job_cancel = threading.Event()
-        job = _Job(req, plan, self.generation, init.backend, self.device, job_cancel, started)
-        task = asyncio.create_task(self._run(state, engine, job, self._group))
+        job = Job(req, plan, self.generation, init.backend, self.device, job_cancel, started)
+        task = asyncio.create_task(self._run(state, transport, job))
         self._tasks.add(task)  # the loop keeps weak references only
         task.add_done_callback(self._tasks.discard)
         self._pending = task
         return self.status()
 
-    def _receive(self, job: _Job, group: list[Any]) -> list[torch.Tensor]:
-        """Receive every bucket into fresh staging tensors (CPU); blocking."""
-        pg = group.pop()  # the only reference left once the manager dropped the group
-        if job.device.type == "cuda":
-            torch.cuda.set_device(job.device)
-        staging = [torch.empty(t.shape, dtype=getattr(torch, t.dtype)) for t in job.req.tensors]
-        where = bucket_device(job.backend, job.device)
-        buffer = torch.empty(max(b.nbytes for b in job.plan), dtype=torch.uint8, device=where)
-        total = len(job.plan)
-        for i, bucket in enumerate(job.plan):
-            if job.cancel.is_set():
-                raise _Cancelled(f"cancelled after {i} of {total} buckets")
-            flat = buffer[: bucket.nbytes]
-            try:
-                pg.broadcast(flat, root=0).wait()
-            except Exception as exc:
-                message = f"receiving bucket {i + 1} of {total} failed: {describe_error(exc)}"
-                raise RuntimeError(message) from exc
-            unpack(bucket, flat if flat.device.type == "cpu" else flat.cpu(), staging)
+    def _progress(self, job: Job) -> Callable[[int], None]:
+        def progress(received: int) -> None:
             if job.generation == self.generation:
-                self.received = i + 1
-        return staging
+                self.received = received
 
-    async def _run(self, state: ServiceState, engine: Engine, job: _Job, group: Any) -> None:
-        """Receive (in a thread), then swap in; on any failure drop the group (see module)."""
-        req, holder = job.req, [group]
-        del group
+        return progress
+
+    async def _run(self, state: ServiceState, transport: Transport, job: Job) -> None:
+        """Receive, then swap in; on any failure drop the group (see module)."""
+        req = job.req
+        swap: Swap | None = None
         try:
-            staging = await _in_thread(lambda: self._receive(job, holder))
+            swap = await transport.receive(job, self._progress(job))
             if job.cancel.is_set() or job.generation != self.generation:
-                raise _Cancelled("cancelled before the swap")
-            tensors = {t.name: staging[i] for i, t in enumerate(req.tensors)}
-
-            async def load() -> None:
-                await engine.load_weights_from_tensors(tensors, SOURCE)
-
-            await self.weights.swap_in(load, req.version, SOURCE, job.started, None)
+                raise BroadcastCancelled("cancelled before the swap")
+            await self.weights.swap_in(swap, req.version, SOURCE, job.started, None)
         except BaseException as exc:  # noqa: BLE001 - every failure leaves the old weights
             refused = isinstance(exc, WeightsError | VersionConflict)
             state.metrics.weight_update(SOURCE, "rejected" if refused else "error")
@@ -403,6 +289,8 @@ class BroadcastManager:
                 self.drop(state="failed", error=f"{error}; still serving policy_version {serving}")
                 self.result = "failed"
                 logger.warning("weight broadcast: %s", self.error)
+            if swap is not None:  # received but not swapped in (or the swap failed)
+                await self._discard(transport)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
@@ -410,13 +298,22 @@ class BroadcastManager:
         if job.generation == self.generation:
             self.state, self.result = "ready", "ok"
 
+    @staticmethod
+    async def _discard(transport: Transport) -> None:
+        try:
+            await asyncio.shield(transport.discard())
+        except Exception as exc:  # noqa: BLE001 - the next receive replaces the staging anyway
+            logger.warning("weight broadcast: dropping the staged weights failed: %s",
+                           describe_error(exc))
+
 
 # --------------------------------------------------------------------------- routes
 
 _DESCRIPTIONS = {
     409: "conflict: the version is not newer than the one serving, the named group is not "
     "joined here, or another broadcast is being received",
-    501: "this backend cannot take weights over a broadcast (use load or upload)",
+    501: "this engine cannot take weights over a broadcast as started (a vllm engine with "
+    "tensor_parallel_size above 1 or without vLLM's weight transfer): use load or upload",
 }
 
 

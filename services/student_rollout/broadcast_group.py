@@ -15,19 +15,27 @@ so replicas must reach each other as well as the trainer; each rank binds gloo t
 address on its route to the trainer (or to `GLOO_SOCKET_IFNAME` when set).
 
 The trainer imports this module too (`trainer.broadcast_sync`): the byte layout of a bucket
-must be the same on both sides.
+must be the same on both sides. So does the vllm backend's weight-transfer engine
+(`services.engine.vllm.weight_transfer`), which joins and receives inside vLLM's worker
+process with `join_group` and `receive_buckets`, exactly as the rollout service does for hf.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import torch
 
-from services.protocol import BroadcastBucket, BroadcastInitRequest
+from services.protocol import BroadcastBucket, BroadcastInitRequest, BroadcastTensor
+
+
+class BroadcastCancelled(Exception):
+    """The broadcast was cancelled (DELETE, shutdown) before it was swapped in."""
 
 
 def _address(addr: str, port: int | None, kind: int) -> tuple[int, Any]:
@@ -159,3 +167,41 @@ def unpack(bucket: BroadcastBucket, data: torch.Tensor, staging: list[torch.Tens
             else (target.reshape(-1))
         )
         view.copy_(data[offset : offset + view.numel()])
+
+
+def receive_buckets(
+    group: Any,
+    tensors: Sequence[BroadcastTensor],
+    plan: Sequence[BroadcastBucket],
+    *,
+    backend: str,
+    device: torch.device,
+    cancel: threading.Event | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    """A replica's side of one broadcast: every bucket of `plan` from rank 0, unpacked into
+    fresh CPU staging tensors (`result[i]` for manifest entry `tensors[i]`); blocking.
+
+    Raises `BroadcastCancelled` when `cancel` is set between buckets, and `RuntimeError`
+    naming the bucket when one fails (the sender closed, the group's timeout passed).
+    `progress(n)` is called after the n-th bucket arrived.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    staging = [torch.empty(t.shape, dtype=getattr(torch, t.dtype)) for t in tensors]
+    where = bucket_device(backend, device)
+    buffer = torch.empty(max(b.nbytes for b in plan), dtype=torch.uint8, device=where)
+    total = len(plan)
+    for i, bucket in enumerate(plan):
+        if cancel is not None and cancel.is_set():
+            raise BroadcastCancelled(f"cancelled after {i} of {total} buckets")
+        flat = buffer[: bucket.nbytes]
+        try:
+            group.broadcast(flat, root=0).wait()
+        except Exception as exc:
+            message = f"receiving bucket {i + 1} of {total} failed: {describe_error(exc)}"
+            raise RuntimeError(message) from exc
+        unpack(bucket, flat if flat.device.type == "cpu" else flat.cpu(), staging)
+        if progress is not None:
+            progress(i + 1)
+    return staging

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from services.common.settings import ServiceSettings
+from services.engine.base import EngineConfig
 
 
 class RolloutSettings(ServiceSettings):
@@ -34,6 +35,10 @@ class RolloutSettings(ServiceSettings):
     initial_version: int = Field(
         0, ge=0, description="policy_version of the weights loaded at start"
     )
+
+    def engine_config(self) -> EngineConfig:
+        """The engine settings, with vLLM's weight transfer on (the broadcast transport)."""
+        return super().engine_config().model_copy(update={"weight_transfer": True})
 
     @field_validator("weights_dir", "staging_dir")
     @classmethod

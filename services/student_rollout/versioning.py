@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.engine.base import (
+    BroadcastReceiver,
     Engine,
     EngineInfo,
     GeneratedSample,
@@ -249,6 +250,10 @@ class LeasedEngine(Engine):
     async def load_weights_from_tensors(self, tensors: Any, source: str) -> None:
         """Refused like `load_weights`: the broadcast manager swaps under the write lock."""
         raise RuntimeError("load weights through WeightsManager, not the leased engine")
+
+    def broadcast_receiver(self) -> BroadcastReceiver | None:
+        """The wrapped engine's (the broadcast manager commits under the write lock)."""
+        return self.inner.broadcast_receiver()
 
     def __getattr__(self, name: str) -> Any:
         # Backend-specific extras (stats, the vLLM client) stay reachable. `inner` itself is

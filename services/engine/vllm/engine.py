@@ -2,8 +2,9 @@
 
 It ties together starting vLLM (`startup`: the import, the engine settings, the model facts),
 running requests (`requests`), scoring (`scoring`), generation with its stop rules
-(`generation`) and weight updates (`weights`); each module's docstring gives its part of the
-semantics, which match the `hf` backend's (the reference).
+(`generation`), weight updates (`weights`) and weights by broadcast (`broadcast`, driving the
+worker-side `weight_transfer`); each module's docstring gives its part of the semantics, which
+match the `hf` backend's (the reference).
 
 Metrics: vLLM's `vllm:*` metrics land in `prometheus_client.REGISTRY` (the default registry the
     services' `/metrics` renders) once the engine has served requests; `metrics_registry` returns
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..base import (
+    BroadcastReceiver,
     Engine,
     EngineConfig,
     EngineInfo,
@@ -38,6 +40,7 @@ from ..base import (
 )
 from ..checkpoint import reference_checkpoint
 from ..validation import check_generate_request, check_score_inputs
+from .broadcast import VLLMBroadcastReceiver
 from .generation import generate_samples
 from .requests import TEMPERATURES, RequestRunner, gather_or_cancel
 from .scoring import score_sequence
@@ -61,6 +64,7 @@ class VLLMEngine(Engine):
         self._max_model_len = 0
         self._vocab_size = 0
         self.weights = ServedWeights()
+        self._receiver = VLLMBroadcastReceiver(self)
         self._requests = RequestRunner(self._require)
         self.start_seconds: float | None = None
 
@@ -72,8 +76,13 @@ class VLLMEngine(Engine):
         return self._require()
 
     @property
+    def running(self) -> bool:
+        """Whether the engine is started (and not shut down)."""
+        return self._llm is not None
+
+    @property
     def weights_source(self) -> str | None:
-        """The checkpoint directory of the weights being served."""
+        """The checkpoint directory of the weights being served (None after a broadcast)."""
         return self.weights.source
 
     @property
@@ -186,3 +195,7 @@ class VLLMEngine(Engine):
         """Swap in the weights of a safetensors directory (checked first; see `weights`)."""
         llm = self._require()
         await self.weights.load(llm, checkpoint_dir)
+
+    def broadcast_receiver(self) -> BroadcastReceiver:
+        """Broadcasts are received in vLLM's worker process (see `broadcast`)."""
+        return self._receiver

