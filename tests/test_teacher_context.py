@@ -86,6 +86,34 @@ def test_messages_of_each_context_kind(tiny_models, context: dict) -> None:
     assert TeacherContext(TeacherContextConfig(), []).prompt_ids(ex, [7, 8]) == [7, 8]
 
 
+@pytest.mark.parametrize("reference_solution", [False, True])
+def test_a_train_and_a_test_problem_with_the_same_index_get_their_own_prompts(
+    tiny_models, reference_solution: bool
+) -> None:
+    """``Example.index`` is a position in its split: train problem 0 and test problem 0 both
+    have index 0. The trainer builds the teacher prompts of every training problem at start,
+    then of the held-out ones; each must get its own question (and solution)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
+    cfg = TeacherContextConfig(few_shot=1, reference_solution=reference_solution)
+    ctx = TeacherContext(cfg, _examples(1, start=100), tok)
+    train_ex = _examples(1)[0]
+    test_ex = Example(
+        index=train_ex.index,
+        question="A train leaves at 3 and arrives at 5. How long is the trip?",
+        answer="5 - 3 = <<5-3=2>>2 hours.\n#### 2",
+        ground_truth="2",
+    )
+    for ex in (train_ex, test_ex):
+        student_ids = chat_ids(tok, build_messages(ex.question))
+        assert ctx.prompt_ids(ex, student_ids) == chat_ids(tok, ctx.messages(ex))
+    # Same question, another solution: a different prompt only when the solution is shown.
+    other = Example(train_ex.index, train_ex.question, "1 + 1 = 2.\n#### 2", "2")
+    same = ctx.prompt_ids(other, []) == ctx.prompt_ids(train_ex, [])
+    assert same != reference_solution
+
+
 @pytest.fixture(scope="module")
 def teacher_url(tiny_models):
     args = [

@@ -250,10 +250,16 @@ def rollout_metrics(
     """The ``rollout/*`` scalars of a batch (grades are metrics, never rewards)."""
     n = max(len(rollouts), 1)
     lengths = [len(x.response_ids) for x in rollouts]
-    nonfinite = sum(
-        not (np.isfinite(s.behaviour_logprobs).all() and np.isfinite(s.teacher_logprobs).all())
+    finite = [
+        s
         for s in sequences
-    )
+        if np.isfinite(s.behaviour_logprobs).all() and np.isfinite(s.teacher_logprobs).all()
+    ]
+    nonfinite = len(sequences) - len(finite)
+    # Over every sampled token, trained or not: the step's on-policy estimate of the
+    # held-out eval/reverse_kl (rollout/kl_divergence/mean covers the trained ones only).
+    kl_tokens = sum(len(s.response_ids) for s in finite)
+    kl_sum = sum(float(np.sum(s.behaviour_logprobs - s.teacher_logprobs)) for s in finite)
     return {
         "rollout/accuracy/mean": sum(g.correct for g in grades) / n,
         "rollout/format_rate": sum(g.formatted for g in grades) / n,
@@ -265,6 +271,7 @@ def rollout_metrics(
         "rollout/truncated_frac": sum(x.item.finish_reason == "length" for x in rollouts) / n,
         "rollout/empty_frac": sum(length == 0 for length in lengths) / n,
         "rollout/nonfinite_frac": nonfinite / n,
+        "rollout/reverse_kl": kl_sum / kl_tokens if kl_tokens else 0.0,
         "rollout/num_prompts": float(num_prompts),
         "rollout/num_samples": float(len(rollouts)),
     }

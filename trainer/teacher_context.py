@@ -76,7 +76,10 @@ class TeacherContext:
         self.shots = list(shots)
         self.tokenizer = tokenizer
         self._prefix = self._shot_turns()
-        self._cache: dict[int, list[int]] = {}
+        # Keyed by what the prompt is made of, not by ``Example.index``: that is a position in
+        # its split, and a train and a test problem share it (the held-out evaluation once got
+        # the teacher prompts of the train problems with the same index).
+        self._cache: dict[tuple[str, str], list[int]] = {}
         # Batches are scored on several threads, and a fast tokenizer used by two at once
         # can fail ("Already borrowed"): one tokenization at a time.
         self._lock = threading.Lock()
@@ -105,7 +108,7 @@ class TeacherContext:
         prompt); the student's own ids when the context is inactive."""
         if not self.active:
             return [int(t) for t in student_prompt_ids]
-        key = example.index
+        key = (example.question, example.answer if self.cfg.reference_solution else "")
         with self._lock:
             if key not in self._cache:
                 self._cache[key] = chat_ids(self.tokenizer, self.messages(example))
