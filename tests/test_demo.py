@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import trainer.eval as trainer_eval
-from opd.demo import DEFAULT_RUN_DIR, PAIR_CONFIGS, split_run_dir
+from opd.demo import DEFAULT_RUN_DIR, PAIR_CONFIGS, native_bf16_cpu, split_run_dir
 from opd.demo import main as demo_main
 from opd.demo_report import (
     COLUMNS,
@@ -197,6 +197,11 @@ def test_demo_context_pair_runs_and_reports(
     assert all("eval/answer_rate" in r and "eval/degenerate_frac" in r for r in records)
     assert all("rollout/answer_rate" in r and "rollout/degenerate_frac" in r for r in records[1:])
 
+    # bf16 autocast where the CPU has it natively, float32 elsewhere.
+    config = (run_dir / "train" / "config.yaml").read_text()
+    autocast = "bfloat16" if native_bf16_cpu() else "null"
+    assert re.search(rf"autocast_dtype: {autocast}\b", config)
+
     plot = run_dir / "train" / "plots" / EVAL_PROGRESS_FILE
     assert plot.stat().st_size > 5000 and str(plot) in out
     # Both services were stopped when the demo ended.
@@ -269,6 +274,22 @@ def test_demo_pruned_pair_runs(tiny_models, tmp_path, capsys, teacher_requests) 
     assert teacher_requests == [build_messages(ex.question) for ex in heldout]
     assert (run_dir / "train" / "plots" / EVAL_PROGRESS_FILE).is_file()
     assert "| teacher " in (run_dir / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu vme avx2 avx512f avx512bw", False),
+        ("fpu avx512f avx512_bf16 avx512_vnni", True),
+        ("fpu amx_bf16 amx_tile amx_int8", True),
+        ("fpu avx512_bf16x", False),
+    ],
+)
+def test_native_bf16_cpu_reads_the_cpu_flags(tmp_path, flags: str, native: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert native_bf16_cpu(cpuinfo) is native
+    assert native_bf16_cpu(tmp_path / "missing") is False  # not Linux: float32
 
 
 def test_keep_layers_is_for_the_pruned_pair(capsys) -> None:

@@ -34,6 +34,7 @@ from trainer.config import load_config
 from trainer.config_sections import TeacherContextConfig
 from trainer.data import Example, PromptSampler
 from trainer.grading import grade
+from trainer.policy import TrainSequence
 from trainer.teacher_context import TeacherContext
 from trainer.weight_sync import WEIGHTS_FILE, WeightSync
 
@@ -94,8 +95,8 @@ def _examples(n: int) -> list[Example]:
     ]
 
 
-@pytest.mark.parametrize("mask_truncated", [False, True])
-def test_make_batch_orders_grades_and_masks(mask_truncated: bool) -> None:
+@pytest.mark.parametrize("mask_truncated", ["false", "true", "sampled_token"])
+def test_make_batch_orders_grades_and_masks(mask_truncated: str) -> None:
     cfg = load_config(
         None,
         [
@@ -103,7 +104,8 @@ def test_make_batch_orders_grades_and_masks(mask_truncated: bool) -> None:
             "seed=7",
             "rollout.samples_per_prompt=2",
             "rollout.prompts_per_request=2",
-            f"rollout.mask_truncated={str(mask_truncated).lower()}",
+            f"rollout.mask_truncated={mask_truncated}",
+            "algorithm.teacher_top_k=2",
             "logging.samples_per_step=2",
         ],
     )
@@ -113,17 +115,54 @@ def test_make_batch_orders_grades_and_masks(mask_truncated: bool) -> None:
     # One request per 2 prompts, each seeded by (seed, step, its first prompt).
     assert sorted(services.seeds) == [derive_seed(7, 5, 0), derive_seed(7, 5, 2)]
     assert len(batch.sequences) == 6 and batch.versions == [3] * 6
+    # Sample 3 is empty; sample 4 is truncated: out with `true`, in the top-k term only with
+    # `sampled_token`.
     trainable = [s.trainable for s in batch.sequences]
-    assert trainable == [True, True, True, False, not mask_truncated, True]
+    assert trainable == [True, True, True, False, mask_truncated != "true", True]
+    in_policy_loss = [s.policy_loss for s in batch.sequences]
+    assert in_policy_loss == [True, True, True, True, mask_truncated == "false", True]
     np.testing.assert_array_equal(batch.sequences[0].teacher_logprobs, [-1.0, -1.0, -1.0])
     m = batch.metrics
     assert m["rollout/accuracy/mean"] == pytest.approx(0.5)  # sample 0 of each prompt
     assert m["rollout/empty_frac"] == pytest.approx(1 / 6)
     assert m["rollout/truncated_frac"] == pytest.approx(1 / 6)
     assert m["rollout/num_prompts"] == 3 and m["rollout/num_samples"] == 6
+    # s - tau = -0.5 - (-1) on every sampled token, trained or masked.
+    assert m["rollout/reverse_kl"] == pytest.approx(0.5)
     assert m["timing/rollout_s"] >= 0 and m["timing/score_s"] >= 0
     assert [s["prompt_index"] for s in batch.samples] == [0, 1]
     assert batch.response_tokens == 15
+
+
+def test_rollout_reverse_kl_is_per_token_over_every_finite_sample() -> None:
+    """``rollout/reverse_kl``: sum of ``s - tau`` over the tokens of every sample (trained or
+    masked), divided by their count; samples with non-finite logprobs are left out."""
+    item = RolloutItem(
+        prompt_index=0,
+        sample_index=0,
+        prompt_token_ids=[1],
+        token_ids=[5],
+        logprobs=[-1.0],
+        text="x",
+        finish_reason="stop",
+        policy_version=0,
+    )
+    seqs = [
+        TrainSequence(
+            np.array([1]), np.array([5, 6]), np.array([-1.0, -1.0]), np.array([-2.0, -3.0])
+        ),
+        TrainSequence(
+            np.array([1]), np.array([5]), np.array([-1.0]), np.array([-1.5]), trainable=False
+        ),
+        TrainSequence(np.array([1]), np.array([5]), np.array([-np.inf]), np.array([-1.0])),
+    ]
+    rollouts = [
+        SimpleNamespace(response_ids=s.response_ids, prompt_ids=s.prompt_ids, item=item)
+        for s in seqs
+    ]
+    m = rollout_metrics(rollouts, [grade("x", "1")] * 3, seqs, 1)  # type: ignore[arg-type]
+    assert m["rollout/reverse_kl"] == pytest.approx((1.0 + 2.0 + 0.5) / 3)
+    assert m["rollout/nonfinite_frac"] == pytest.approx(1 / 3)
 
 
 def test_producer_draws_prompts_in_step_order() -> None:

@@ -122,6 +122,12 @@ def test_config_from_overrides_only_and_roundtrip(tmp_path: Path) -> None:
         (["rollout.temperature=0"], "rollout.temperature"),
         (["trainer.lr"], "not of the form section.key=value"),
         (["rollout.max_tokens=5", "rollout.max_tokens.x=1"], "rollout.max_tokens is a value"),
+        (["rollout.mask_truncated=sometimes"], "rollout.mask_truncated"),
+        (
+            ["rollout.mask_truncated=sampled_token"],
+            "rollout.mask_truncated 'sampled_token' keeps truncated responses in the teacher's "
+            "top-k term only, and algorithm.teacher_top_k is 0",
+        ),
     ],
 )
 def test_invalid_configs_name_the_key(overrides: list[str], needle: str) -> None:

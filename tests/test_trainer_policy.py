@@ -248,3 +248,72 @@ def test_top_k_term_equals_the_full_vocabulary_computation(student, beta: float)
     assert div_full == pytest.approx(float(torch.cat(divs).sum()), rel=1e-4)
     for name, p in model.named_parameters():
         torch.testing.assert_close(full[name], p.grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_sequences_in_the_top_k_term_only(student) -> None:
+    """``policy_loss=False`` (a truncated response under ``rollout.mask_truncated:
+    sampled_token``): the sequence joins the top-k term but not the sampled-token term, whose
+    token-mean then counts only its own sequences' tokens; values and gradients against full
+    logits, and micro-batching still gives the full-batch gradient."""
+    from trainer.algorithms import reference_loss
+    from trainer.distributed import DistContext
+    from trainer.kernels.topk_divergence import reference_topk_divergence
+    from trainer.optimization import accumulate_gradients
+
+    model, _ = student
+    vocab = model.config.vocab_size
+    policy = PolicyModel(model, chunk_tokens=5)
+    train = [s for s in _random_sequences(6, vocab, seed=5) if s.trainable]
+    train = _with_top_k(train, vocab, k=4, seed=6)
+    train[1].policy_loss = False
+    train[3].policy_loss = False
+    cfg = LossConfig(teacher_top_k=4, top_k_beta=0.0, top_k_coef=0.5)
+    n_tok = float(sum(len(s.response_ids) for s in train))
+    pg_seqs = [s for s in train if s.policy_loss]
+    pg_tok = float(sum(len(s.response_ids) for s in pg_seqs))
+
+    def grads(budget: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        _, metrics = accumulate_gradients(
+            policy,
+            train,
+            cfg,
+            DistContext(),
+            torch.device("cpu"),
+            micro_batch_tokens=budget,
+            temperature=1.0,
+            backend="torch",
+            autocast_dtype=None,
+        )
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, metrics
+
+    full, m_full = grads(10_000)
+    micro, _ = grads(30)
+    for name in full:
+        torch.testing.assert_close(micro[name], full[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert m_full["train/sequences"] == len(train)
+    assert m_full["train/policy_loss_sequences"] == len(pg_seqs)
+
+    model.zero_grad()
+    total = 0.0
+    for s in train:
+        ids = torch.tensor(np.concatenate([s.prompt_ids, s.response_ids]))[None]
+        rows = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        rows = rows[p - 1 : p - 1 + r]
+        if s.policy_loss:
+            pg, _ = reference_loss(
+                rows.gather(1, ids[0, p : p + r, None])[:, 0][None],
+                torch.from_numpy(s.behaviour_logprobs)[None],
+                torch.from_numpy(s.teacher_logprobs)[None],
+                torch.ones(1, r, dtype=torch.bool),
+                cfg,
+                total_tokens=pg_tok,
+                total_seqs=len(pg_seqs),
+            )
+            total = total + pg
+        k_logp = rows.gather(1, torch.from_numpy(s.teacher_top_ids))
+        div = reference_topk_divergence(k_logp, torch.from_numpy(s.teacher_top_logprobs), 0.0)
+        total = total + 0.5 * div.divergence.sum() / n_tok
+    total.backward()  # type: ignore[union-attr]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(full[name], p.grad, atol=2e-5, rtol=1e-4, msg=name)

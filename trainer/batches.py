@@ -220,20 +220,24 @@ def build_sequences(
     cfg: TrainConfig, rollouts: Sequence[Rollout], scores: Sequence[TokenScores]
 ) -> list[TrainSequence]:
     """One :class:`TrainSequence` per rollout. Left out of the loss (``trainable=False``):
-    empty responses, non-finite logprobs, and truncated ones with ``rollout.mask_truncated``."""
+    empty responses, non-finite logprobs, and truncated ones with ``rollout.mask_truncated:
+    true``; with ``mask_truncated: sampled_token`` (and the teacher's top-k in the batch) a
+    truncated one stays in the top-k term only (``policy_loss=False``)."""
+    mode = cfg.rollout.mask_truncated
     out = []
     for x, sc in zip(rollouts, scores, strict=True):
         t = sc.logprobs
         finite = bool(np.isfinite(x.logprobs).all() and np.isfinite(t).all())
-        truncated = cfg.rollout.mask_truncated and x.item.finish_reason == "length"
-        trainable = len(x.response_ids) > 0 and finite and not truncated
+        truncated = bool(mode) and x.item.finish_reason == "length"
+        usable = len(x.response_ids) > 0 and finite
         out.append(
             TrainSequence(
                 x.prompt_ids,
                 x.response_ids,
                 x.logprobs,
                 t,
-                trainable=trainable,
+                trainable=usable and (not truncated or mode == "sampled_token"),
+                policy_loss=not truncated,
                 teacher_top_ids=sc.top_ids,
                 teacher_top_logprobs=sc.top_logprobs,
             )

@@ -126,6 +126,12 @@ class TrainConfig(Section):
                 "(advantage c (tau - s), the distillation direction) or a lambda_coef below 1, "
                 "or set algorithm.allow_anti_distillation: true to run it anyway"
             )
+        if self.rollout.mask_truncated == "sampled_token" and not self.algorithm.teacher_top_k:
+            problems.append(
+                "rollout.mask_truncated 'sampled_token' keeps truncated responses in the "
+                "teacher's top-k term only, and algorithm.teacher_top_k is 0: set a top-k, or "
+                "use mask_truncated: true"
+            )
         if not all(0.0 <= b < 1.0 for b in t.betas):
             problems.append(f"trainer.betas {list(t.betas)} must each lie in [0, 1)")
         if self.sync.method == "load" and not self.sync.shared_dir:

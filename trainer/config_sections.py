@@ -53,8 +53,9 @@ class StudentConfig(Section):
     )
     autocast_dtype: Literal["bfloat16", "float16"] | None = Field(
         None,
-        description="run the forward/backward under torch.autocast in this dtype (GPU); the "
-        "log-softmax of the vocabulary projection stays float32",
+        description="run the forward/backward under torch.autocast in this dtype (GPU, or a "
+        "CPU with native bf16: `opd demo` sets bfloat16 there); the log-softmax of the "
+        "vocabulary projection stays float32",
     )
     device: str = Field(
         "auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'"
@@ -144,10 +145,12 @@ class RolloutConfig(Section):
         description="prompts per POST /v1/rollouts (requests run concurrently; each gets a "
         "seed derived from (seed, step, index of its first prompt))",
     )
-    mask_truncated: bool = Field(
+    mask_truncated: bool | Literal["sampled_token"] = Field(
         False,
-        description="drop responses cut at max_tokens (finish_reason 'length') from the loss. "
-        "Off by default: a truncated response's per-token reverse KL is still exact",
+        description="responses cut at max_tokens (finish_reason 'length'): true drops them from "
+        "the loss; 'sampled_token' drops them from the sampled-token term only and keeps them "
+        "in the teacher's top-k term (`algorithm.teacher_top_k`); false keeps them. Off by "
+        "default: a truncated response's per-token reverse KL is still exact",
     )
 
 

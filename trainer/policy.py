@@ -224,6 +224,9 @@ class TrainSequence:
     behaviour_logprobs: np.ndarray  # float32 [R]  (s: the rollout's logprobs, after temperature)
     teacher_logprobs: np.ndarray  # float32 [R]  (tau)
     trainable: bool = True  # False: kept for metrics only (empty, or masked when truncated)
+    # False: in the teacher's top-k term only, not the sampled-token term (a truncated
+    # response under rollout.mask_truncated: sampled_token)
+    policy_loss: bool = True
     teacher_top_ids: np.ndarray | None = None  # int64 [R, K]  (algorithm.teacher_top_k)
     teacher_top_logprobs: np.ndarray | None = None  # float32 [R, K]
 
@@ -243,9 +246,16 @@ class MicroBatch:
     scatter_index: Tensor  # [N] flat positions in [B*T] of the same tokens
     s: Tensor  # [B, T]
     tau: Tensor  # [B, T]
-    mask: Tensor  # [B, T] bool
+    mask: Tensor  # [B, T] bool: the tokens of the loss (the top-k term's)
     k_ids: Tensor | None = None  # [N, K] the teacher's top-k ids at the same tokens
     teacher_k: Tensor | None = None  # [N, K] the teacher's logprobs at k_ids
+    # [B, T] bool: the sampled-token term's tokens, when fewer than ``mask``'s (None: the same)
+    pg_mask: Tensor | None = None
+
+    @property
+    def policy_mask(self) -> Tensor:
+        """The tokens of the sampled-token (policy-gradient) term."""
+        return self.mask if self.pg_mask is None else self.pg_mask
 
     @property
     def padded_tokens(self) -> int:
@@ -286,6 +296,7 @@ def collate(seqs: Sequence[TrainSequence], device: torch.device) -> MicroBatch:
     s_arr = np.zeros((b, resp_len), dtype=np.float32)
     tau_arr = np.zeros((b, resp_len), dtype=np.float32)
     mask = np.zeros((b, resp_len), dtype=bool)
+    pg_rows = np.ones(b, dtype=bool)
     gather, scatter, targets = [], [], []
     top_ids: list[np.ndarray] = []
     top_lps: list[np.ndarray] = []
@@ -303,6 +314,7 @@ def collate(seqs: Sequence[TrainSequence], device: torch.device) -> MicroBatch:
         s_arr[row, :r] = seq.behaviour_logprobs
         tau_arr[row, :r] = seq.teacher_logprobs
         mask[row, :r] = True
+        pg_rows[row] = seq.policy_loss
         if k:
             top_ids.append(seq.teacher_top_ids)  # type: ignore[arg-type]
             top_lps.append(seq.teacher_top_logprobs)  # type: ignore[arg-type]
@@ -323,6 +335,7 @@ def collate(seqs: Sequence[TrainSequence], device: torch.device) -> MicroBatch:
         mask=t(mask),
         k_ids=t(_stack(top_ids, k, np.int64)) if k else None,
         teacher_k=t(_stack(top_lps, k, np.float32)) if k else None,
+        pg_mask=None if pg_rows.all() else t(mask & pg_rows[:, None]),
     )
 
 
@@ -382,6 +395,7 @@ def forward_backward(
     temperature: float,
     total_tokens: float,
     total_seqs: float,
+    pg_totals: tuple[float, float] | None = None,
     loss_scale: float = 1.0,
     backend: str = "auto",
     autocast_dtype: torch.dtype | None = None,
@@ -392,9 +406,11 @@ def forward_backward(
     ``total_seqs`` are the whole batch's), so the accumulated gradient equals the full-batch
     gradient. ``loss_scale`` undoes FSDP's averaging over ranks. With the teacher's top-k in
     the batch (``algorithm.teacher_top_k``) the top-k divergence term joins the loss
-    (:mod:`trainer.topk_loss`). Returns the summed metric sums (None when there were no
-    micro-batches).
+    (:mod:`trainer.topk_loss`). ``pg_totals`` = ``(tokens, sequences)`` of the sampled-token
+    term when it covers fewer sequences than the top-k term (``MicroBatch.pg_mask``; default:
+    the same totals). Returns the summed metric sums (None when there were no micro-batches).
     """
+    pg_tokens, pg_seqs = pg_totals or (total_tokens, total_seqs)
     parts: list[LossSums] = []
     topk_parts: list[TopKSums] = []
     for mb in micro_batches:
@@ -405,10 +421,10 @@ def forward_backward(
             logp,
             mb.s,
             mb.tau,
-            mb.mask,
+            mb.policy_mask,
             cfg,
-            total_tokens=total_tokens,
-            total_seqs=total_seqs,
+            total_tokens=pg_tokens,
+            total_seqs=pg_seqs,
             backend=backend,  # type: ignore[arg-type]
         )
         if k_logp is not None and mb.teacher_k is not None:
