@@ -252,9 +252,9 @@ def test_top_k_term_equals_the_full_vocabulary_computation(student, beta: float)
 
 def test_sequences_in_the_top_k_term_only(student) -> None:
     """``policy_loss=False`` (a truncated response under ``rollout.mask_truncated:
-    sampled_token``): the sequence joins the top-k term but not the sampled-token term, whose
-    token-mean then counts only its own sequences' tokens; values and gradients against full
-    logits, and micro-batching still gives the full-batch gradient."""
+    sampled_token``): the sequence joins the top-k term but adds nothing to the sampled-token
+    term, while its tokens still count in both terms' token mean; values and gradients against
+    full logits, and micro-batching still gives the full-batch gradient."""
     from trainer.algorithms import reference_loss
     from trainer.distributed import DistContext
     from trainer.kernels.topk_divergence import reference_topk_divergence
@@ -270,7 +270,6 @@ def test_sequences_in_the_top_k_term_only(student) -> None:
     cfg = LossConfig(teacher_top_k=4, top_k_beta=0.0, top_k_coef=0.5)
     n_tok = float(sum(len(s.response_ids) for s in train))
     pg_seqs = [s for s in train if s.policy_loss]
-    pg_tok = float(sum(len(s.response_ids) for s in pg_seqs))
 
     def grads(budget: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         _, metrics = accumulate_gradients(
@@ -307,8 +306,8 @@ def test_sequences_in_the_top_k_term_only(student) -> None:
                 torch.from_numpy(s.teacher_logprobs)[None],
                 torch.ones(1, r, dtype=torch.bool),
                 cfg,
-                total_tokens=pg_tok,
-                total_seqs=len(pg_seqs),
+                total_tokens=n_tok,
+                total_seqs=len(train),
             )
             total = total + pg
         k_logp = rows.gather(1, torch.from_numpy(s.teacher_top_ids))

@@ -87,8 +87,6 @@ def accumulate_gradients(
     ``rollout/kl*``, ``train/*`` metrics.
     """
     total_tokens = sum(len(s.response_ids) for s in sequences)
-    pg = [s for s in sequences if s.policy_loss]
-    pg_totals = (float(sum(len(s.response_ids) for s in pg)), float(len(pg)))
     plan = plan_micro_batches([s.length for s in sequences], micro_batch_tokens)
     # Under FSDP every rank must run the same number of forward/backward passes.
     per_rank = math.ceil(len(plan) / ctx.world_size)
@@ -104,7 +102,6 @@ def accumulate_gradients(
         temperature=temperature,
         total_tokens=float(total_tokens),
         total_seqs=float(len(sequences)),
-        pg_totals=pg_totals,
         loss_scale=float(ctx.world_size),  # FSDP averages gradients over ranks; we want sums
         backend=backend,
         autocast_dtype=autocast_dtype,
@@ -121,7 +118,7 @@ def accumulate_gradients(
         "train/micro_batches": float(len(plan)),
         "train/tokens": float(total_tokens),
         "train/sequences": float(len(sequences)),
-        "train/policy_loss_sequences": pg_totals[1],
+        "train/policy_loss_sequences": float(sum(s.policy_loss for s in sequences)),
     }
     if loss.teacher_top_k:
         metrics |= finalize_topk_metrics(topk_sums)

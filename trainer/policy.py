@@ -395,7 +395,6 @@ def forward_backward(
     temperature: float,
     total_tokens: float,
     total_seqs: float,
-    pg_totals: tuple[float, float] | None = None,
     loss_scale: float = 1.0,
     backend: str = "auto",
     autocast_dtype: torch.dtype | None = None,
@@ -406,11 +405,10 @@ def forward_backward(
     ``total_seqs`` are the whole batch's), so the accumulated gradient equals the full-batch
     gradient. ``loss_scale`` undoes FSDP's averaging over ranks. With the teacher's top-k in
     the batch (``algorithm.teacher_top_k``) the top-k divergence term joins the loss
-    (:mod:`trainer.topk_loss`). ``pg_totals`` = ``(tokens, sequences)`` of the sampled-token
-    term when it covers fewer sequences than the top-k term (``MicroBatch.pg_mask``; default:
-    the same totals). Returns the summed metric sums (None when there were no micro-batches).
+    (:mod:`trainer.topk_loss`); the sampled-token term then covers ``MicroBatch.policy_mask``,
+    averaged over the same totals (a token outside it adds nothing to that term but still
+    counts). Returns the summed metric sums (None when there were no micro-batches).
     """
-    pg_tokens, pg_seqs = pg_totals or (total_tokens, total_seqs)
     parts: list[LossSums] = []
     topk_parts: list[TopKSums] = []
     for mb in micro_batches:
@@ -423,8 +421,8 @@ def forward_backward(
             mb.tau,
             mb.policy_mask,
             cfg,
-            total_tokens=pg_tokens,
-            total_seqs=pg_seqs,
+            total_tokens=total_tokens,
+            total_seqs=total_seqs,
             backend=backend,  # type: ignore[arg-type]
         )
         if k_logp is not None and mb.teacher_k is not None:
