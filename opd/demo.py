@@ -17,7 +17,8 @@ The run:
    the vLLM CPU backend when installed (else transformers), the teacher on transformers
    (``--teacher-backend``; on a 2-core CPU it starts in ~15 s instead of ~90 s and scores the
    demo's batches as fast as vLLM, with shared-prefix scoring);
-3. run `opd train` with the pair's config; its evaluations at start and end measure the
+3. run `opd train` with the pair's config (under bf16 autocast when the CPU computes bf16
+   natively, :func:`native_bf16_cpu`); its evaluations at start and end measure the
    student before/after on a fixed held-out GSM8K set (format rate, answer rate, accuracy,
    reverse KL to the teacher, length, degenerate answers), the evaluations every
    ``eval.interval`` steps in between give the curve (on the first ``eval.interval_limit``

@@ -87,6 +87,17 @@ def env(tiny_models, tmp_path_factory) -> Any:
             handle.stop()
 
 
+def send_misshapen(env, seed: int) -> None:
+    """Broadcast version 3 with the second tensor of the wrong shape: the sender's push fails
+    with the replicas' 400, which names that tensor."""
+    name = list(env["ref"].initial)[1]
+    bad = dict(perturbed(env["ref"].initial, seed=seed))
+    bad[name] = torch.zeros(3, 3)
+    with pytest.raises(BroadcastError, match="shape") as caught:
+        sender(env).send(bad, 3)
+    assert caught.value.status == 400 and name in str(caught.value)
+
+
 def sender(env, cls: type[BroadcastSender] = BroadcastSender) -> BroadcastSender:
     return cls(
         env["clients"],
@@ -209,12 +220,7 @@ def test_bad_manifest_is_refused_naming_it(env):
     assert httpx.post(handle.base_url + "/v1/weights/broadcast/init", json=init).status_code == 401
 
     # Through the sender: refused before a byte is sent, the group torn down, nothing changed.
-    bad = dict(perturbed(env["ref"].initial, seed=13))
-    bad[names[1]] = torch.zeros(3, 3)
-    s = sender(env)
-    with pytest.raises(BroadcastError, match="shape") as caught:
-        s.send(bad, 3)
-    assert caught.value.status == 400 and names[1] in str(caught.value)
+    send_misshapen(env, seed=13)
     for handle, old in zip(env["handles"], before, strict=True):
         assert get(handle, "/v1/weights/broadcast")["state"] == "idle"
         assert greedy(env, handle)["logprobs"] == old["logprobs"]
@@ -313,15 +319,26 @@ def vllm_env(tiny_models, tmp_path_factory) -> Any:
     weights = tmp_path_factory.mktemp("broadcast-vllm") / "weights"
     weights.mkdir()
     args = [
-        "--model", str(tiny_models["student"]), "--backend", "vllm", "--dtype", "float32",
-        "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "16",
-        "--weights-dir", str(weights),
+        "--model",
+        str(tiny_models["student"]),
+        "--backend",
+        "vllm",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--max-num-seqs",
+        "16",
+        "--weights-dir",
+        str(weights),
     ]
     env = {"OPD_API_KEY": API_KEY, "VLLM_CPU_KVCACHE_SPACE": "1", FAULT_VERSIONS_ENV: "4,6"}
     handle = start_server("tests.weight_faults", args, env=env, ready_timeout=600.0)
     retry = RetryPolicy(max_attempts=2, deadline_s=5.0)
-    client = RolloutClient("rollout", handle.base_url, api_key=API_KEY, timeout_s=120.0,
-                           retry=retry)
+    client = RolloutClient(
+        "rollout", handle.base_url, api_key=API_KEY, timeout_s=120.0, retry=retry
+    )
     try:
         yield {
             "handles": [handle],
@@ -336,8 +353,12 @@ def vllm_env(tiny_models, tmp_path_factory) -> Any:
 
 
 def load(handle: ServerHandle, path: str, version: int) -> httpx.Response:
-    return httpx.post(handle.base_url + "/v1/weights/load", headers=AUTH, timeout=120.0,
-                      json={"path": path, "version": version})
+    return httpx.post(
+        handle.base_url + "/v1/weights/load",
+        headers=AUTH,
+        timeout=120.0,
+        json={"path": path, "version": version},
+    )
 
 
 def ready(handle: ServerHandle) -> bool:
@@ -375,15 +396,9 @@ def test_vllm_replica_serves_exactly_the_broadcast_weights(vllm_env):
 def test_vllm_misfit_manifest_is_refused_before_anything_changes(vllm_env):
     env, (handle,) = vllm_env, vllm_env["handles"]
     (before,) = assert_serving(env, 2, "broadcast")
-    names = list(env["ref"].initial)
     # Through the sender: the replica's worker joins, then the manifest is refused with a 400
     # naming the tensor before a byte is sent; the group is torn down, nothing changed.
-    bad = dict(perturbed(env["ref"].initial, seed=23))
-    bad[names[1]] = torch.zeros(3, 3)
-    s = sender(env)
-    with pytest.raises(BroadcastError, match="shape") as caught:
-        s.send(bad, 3)
-    assert caught.value.status == 400 and names[1] in str(caught.value)
+    send_misshapen(env, seed=23)
     # Straight to the route: a wrong dtype, a missing tensor.
     manifest = [
         {"name": n, "shape": list(t.shape), "dtype": "float32"}
@@ -394,8 +409,9 @@ def test_vllm_misfit_manifest_is_refused_before_anything_changes(vllm_env):
         (manifest[:-1], "tensors"),
     ):
         body = {"version": 3, "group_name": "g", "tensors": tensors, "bucket_bytes": 1 << 20}
-        r = httpx.post(handle.base_url + "/v1/weights/broadcast", json=body, headers=AUTH,
-                       timeout=30.0)
+        r = httpx.post(
+            handle.base_url + "/v1/weights/broadcast", json=body, headers=AUTH, timeout=30.0
+        )
         error(r, 400, param)
     assert get(handle, "/v1/weights/broadcast")["state"] == "idle"
     assert greedy(env, handle)["logprobs"] == before["logprobs"]

@@ -192,7 +192,6 @@ def test_top_k_term_equals_the_full_vocabulary_computation(student, beta: float)
     """The loss with ``teacher_top_k``: the policy loss plus ``coef * D_beta`` of the student's
     logprobs at the teacher's ids, taken from full logits here, values and gradients; and
     micro-batching still gives the full-batch gradient."""
-    from trainer.kernels.topk_divergence import reference_topk_divergence
 
     model, _ = student
     vocab = model.config.vocab_size
@@ -220,32 +219,10 @@ def test_top_k_term_equals_the_full_vocabulary_computation(student, beta: float)
         torch.testing.assert_close(micro[name], full[name], atol=1e-6, rtol=1e-4, msg=name)
 
     # The reference: full logits, the policy loss, plus the divergence at the teacher's ids.
-    from trainer.algorithms import reference_loss
-
     model.zero_grad()
-    total = 0.0
-    divs = []
-    for s in train:
-        ids = torch.tensor(np.concatenate([s.prompt_ids, s.response_ids]))[None]
-        logp_all = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-        p, r = len(s.prompt_ids), len(s.response_ids)
-        rows = logp_all[p - 1 : p - 1 + r]
-        logp = rows.gather(1, ids[0, p : p + r, None])[:, 0]
-        pg, _ = reference_loss(
-            logp[None],
-            torch.from_numpy(s.behaviour_logprobs)[None],
-            torch.from_numpy(s.teacher_logprobs)[None],
-            torch.ones(1, r, dtype=torch.bool),
-            cfg,
-            total_tokens=n_tok,
-            total_seqs=len(train),
-        )
-        k_logp = rows.gather(1, torch.from_numpy(s.teacher_top_ids))
-        div = reference_topk_divergence(k_logp, torch.from_numpy(s.teacher_top_logprobs), beta)
-        divs.append(div.divergence.detach())
-        total = total + pg + 0.7 * div.divergence.sum() / n_tok
-    total.backward()  # type: ignore[union-attr]
-    assert div_full == pytest.approx(float(torch.cat(divs).sum()), rel=1e-4)
+    total, divergence = _reference_top_k_loss(model, train, cfg)
+    total.backward()
+    assert div_full == pytest.approx(divergence, rel=1e-4)
     for name, p in model.named_parameters():
         torch.testing.assert_close(full[name], p.grad, atol=2e-5, rtol=1e-4, msg=name)
 
@@ -255,9 +232,7 @@ def test_sequences_in_the_top_k_term_only(student) -> None:
     sampled_token``): the sequence joins the top-k term but adds nothing to the sampled-token
     term, while its tokens still count in both terms' token mean; values and gradients against
     full logits, and micro-batching still gives the full-batch gradient."""
-    from trainer.algorithms import reference_loss
     from trainer.distributed import DistContext
-    from trainer.kernels.topk_divergence import reference_topk_divergence
     from trainer.optimization import accumulate_gradients
 
     model, _ = student
@@ -268,8 +243,8 @@ def test_sequences_in_the_top_k_term_only(student) -> None:
     train[1].policy_loss = False
     train[3].policy_loss = False
     cfg = LossConfig(teacher_top_k=4, top_k_beta=0.0, top_k_coef=0.5)
-    n_tok = float(sum(len(s.response_ids) for s in train))
     pg_seqs = [s for s in train if s.policy_loss]
+    assert 0 < len(pg_seqs) < len(train)
 
     def grads(budget: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         _, metrics = accumulate_gradients(
@@ -293,12 +268,28 @@ def test_sequences_in_the_top_k_term_only(student) -> None:
     assert m_full["train/policy_loss_sequences"] == len(pg_seqs)
 
     model.zero_grad()
-    total = 0.0
+    total, _ = _reference_top_k_loss(model, train, cfg)
+    total.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(full[name], p.grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def _reference_top_k_loss(
+    model, train: list[TrainSequence], cfg: LossConfig
+) -> tuple[torch.Tensor, float]:
+    """The loss from full logits: the policy loss of each sequence in the sampled-token term
+    plus ``top_k_coef * D_beta`` at the teacher's ids of every sequence, both token-means over
+    all of ``train``'s tokens; and the summed divergence."""
+    from trainer.algorithms import reference_loss
+    from trainer.kernels.topk_divergence import reference_topk_divergence
+
+    n_tok = float(sum(len(s.response_ids) for s in train))
+    total = torch.zeros(())
+    divergence = 0.0
     for s in train:
         ids = torch.tensor(np.concatenate([s.prompt_ids, s.response_ids]))[None]
-        rows = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
         p, r = len(s.prompt_ids), len(s.response_ids)
-        rows = rows[p - 1 : p - 1 + r]
+        rows = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)[p - 1 : p - 1 + r]
         if s.policy_loss:
             pg, _ = reference_loss(
                 rows.gather(1, ids[0, p : p + r, None])[:, 0][None],
@@ -311,8 +302,9 @@ def test_sequences_in_the_top_k_term_only(student) -> None:
             )
             total = total + pg
         k_logp = rows.gather(1, torch.from_numpy(s.teacher_top_ids))
-        div = reference_topk_divergence(k_logp, torch.from_numpy(s.teacher_top_logprobs), 0.0)
-        total = total + 0.5 * div.divergence.sum() / n_tok
-    total.backward()  # type: ignore[union-attr]
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(full[name], p.grad, atol=2e-5, rtol=1e-4, msg=name)
+        div = reference_topk_divergence(
+            k_logp, torch.from_numpy(s.teacher_top_logprobs), cfg.top_k_beta
+        ).divergence
+        divergence += float(div.detach().sum())
+        total = total + cfg.top_k_coef * div.sum() / n_tok
+    return total, divergence

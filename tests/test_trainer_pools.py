@@ -166,7 +166,8 @@ def test_admission_check_failure_keeps_the_replica_out() -> None:
     clock = Clock()
     fakes = [Replica("a"), Replica("b")]
     pool = _pool(fakes, clock)
-    pool.eject(pool.clients[0], "killed")
+    pool.eject(pool.clients[0], "killed")  # a failed weight push: one error, set aside
+    assert pool.stats()["http://a"]["errors"] == 1 and not pool.stats()["http://a"]["live"]
 
     def refuse(client: ServiceClient) -> None:
         raise RuntimeError("wrong model")

@@ -38,30 +38,47 @@ def test_vllm_worker_side_checks_what_it_receives(tiny_models):
     from services.engine.vllm.transfer_wire import JoinInfo
     from services.engine.vllm.weight_transfer import BroadcastWeightTransferEngine
 
-    model_config = SimpleNamespace(model=str(tiny_models["student"]),
-                                   hf_text_config=SimpleNamespace(tie_word_embeddings=True))
+    model_config = SimpleNamespace(
+        model=str(tiny_models["student"]), hf_text_config=SimpleNamespace(tie_word_embeddings=True)
+    )
     vllm_config = SimpleNamespace(parallel_config=None, model_config=model_config)
     cpu = torch.device("cpu")
     worker = BroadcastWeightTransferEngine(None, vllm_config, cpu, torch.nn.Module())  # type: ignore[arg-type]
-    store = TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False,
-                     timeout=timedelta(seconds=30))
-    init = BroadcastInitRequest(master_addr="127.0.0.1", master_port=store.port, rank=1,
-                                world_size=2, group_name="unit", timeout_s=30.0)
-    joining = threading.Thread(target=worker.init_transfer_engine,
-                               args=(JoinInfo(init=init, host="127.0.0.1"),))
+    store = TCPStore(
+        "127.0.0.1",
+        0,
+        world_size=None,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=30),
+    )
+    init = BroadcastInitRequest(
+        master_addr="127.0.0.1",
+        master_port=store.port,
+        rank=1,
+        world_size=2,
+        group_name="unit",
+        timeout_s=30.0,
+    )
+    joining = threading.Thread(
+        target=worker.init_transfer_engine, args=(JoinInfo(init=init, host="127.0.0.1"),)
+    )
     joining.start()
-    group = open_group("gloo", prefixed_store(store, "unit"), 0, 2, 30.0, host="127.0.0.1",
-                       device=cpu)
+    group = open_group(
+        "gloo", prefixed_store(store, "unit"), 0, 2, 30.0, host="127.0.0.1", device=cpu
+    )
     joining.join()
 
     initial = load_file(str(tiny_models["student"] / "model.safetensors"))
     names = list(initial)
 
     def request(state: dict[str, torch.Tensor]) -> BroadcastRequest:
-        manifest = [{"name": n, "shape": list(t.shape), "dtype": "float32"}
-                    for n, t in state.items()]
-        return BroadcastRequest(version=1, group_name="unit", tensors=manifest,
-                                bucket_bytes=256 * 1024)
+        manifest = [
+            {"name": n, "shape": list(t.shape), "dtype": "float32"} for n, t in state.items()
+        ]
+        return BroadcastRequest(
+            version=1, group_name="unit", tensors=manifest, bucket_bytes=256 * 1024
+        )
 
     def broadcast(state: dict[str, torch.Tensor]) -> BaseException | None:
         """The worker receives on a thread while this side sends; what the worker raised."""
@@ -88,9 +105,11 @@ def test_vllm_worker_side_checks_what_it_receives(tiny_models):
         misfit[names[1]] = torch.zeros(3, 3)
         with pytest.raises(ValueError) as caught:  # before a byte is received
             worker.update_weights({"action": "receive", "request": request(misfit).model_dump()})
-        wrapped = Exception(f"Call to collective_rpc method failed: Worker failed with error "
-                            f"'{caught.value}', please check the stack trace above for the root "
-                            "cause")
+        wrapped = Exception(
+            f"Call to collective_rpc method failed: Worker failed with error "
+            f"'{caught.value}', please check the stack trace above for the root "
+            "cause"
+        )
         refused = failure(wrapped)
         assert isinstance(refused, WeightsError) and names[1] in str(refused), refused
         assert "(3, 3)" in str(refused) and not str(refused).startswith("opd-refused")

@@ -149,9 +149,13 @@ class ReplicaPool(Generic[C]):
             }
 
     def eject(self, client: C, error: BaseException | str) -> None:
-        """Set ``client``'s replica aside (it failed outside :meth:`call`, e.g. a weight push)."""
+        """Set ``client``'s replica aside: it failed a request outside :meth:`call` (a weight
+        push), which counts among its errors like one inside."""
         with self._lock:
-            self._eject(next(r for r in self._replicas if r.client is client), str(error))
+            r = next(r for r in self._replicas if r.client is client)
+            r.errors += 1
+            self._eject(r, str(error))
+        self._metrics.errors.labels(self.name, r.url).inc()
 
     def close(self) -> None:
         """Close every replica's client."""

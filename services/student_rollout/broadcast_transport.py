@@ -152,8 +152,15 @@ class ServiceTransport(Transport):
         group = self._group  # with `close` called, this frame holds the last reference
         if group is None:
             raise BroadcastCancelled("the group was dropped before the broadcast began")
-        return receive_buckets(group, job.req.tensors, job.plan, backend=job.backend,
-                               device=job.device, cancel=job.cancel, progress=progress)
+        return receive_buckets(
+            group,
+            job.req.tensors,
+            job.plan,
+            backend=job.backend,
+            device=job.device,
+            cancel=job.cancel,
+            progress=progress,
+        )
 
     def close(self) -> None:
         """Drop this object's references to the group (its connections close once unused)."""

@@ -39,12 +39,16 @@ class VLLMBroadcastReceiver(BroadcastReceiver):
         """Why this engine takes no broadcasts as started (None: it does)."""
         config = self.engine.config
         if not config.weight_transfer:
-            return ("the vllm engine was started without vLLM's weight transfer "
-                    "(EngineConfig.weight_transfer; the rollout service turns it on)")
+            return (
+                "the vllm engine was started without vLLM's weight transfer "
+                "(EngineConfig.weight_transfer; the rollout service turns it on)"
+            )
         if config.tensor_parallel_size != 1:
-            return (f"weights by broadcast need tensor_parallel_size 1 on the vllm backend "
-                    f"(this engine runs {config.tensor_parallel_size} workers; the group "
-                    "gives each replica one rank)")
+            return (
+                f"weights by broadcast need tensor_parallel_size 1 on the vllm backend "
+                f"(this engine runs {config.tensor_parallel_size} workers; the group "
+                "gives each replica one rank)"
+            )
         return None
 
     async def join(self, init: BroadcastInitRequest, host: str) -> None:

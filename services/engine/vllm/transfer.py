@@ -24,8 +24,11 @@ if TYPE_CHECKING:
 # vLLM's wrappers around a worker's message: the engine core's, then the executor's.
 _WRAPPERS = (
     re.compile(r"^Call to \w+ method failed: (?P<inner>.*)$", re.DOTALL),
-    re.compile(r"^Worker failed with error '(?P<inner>.*)', please check the stack trace above "
-               r"for the root cause$", re.DOTALL),
+    re.compile(
+        r"^Worker failed with error '(?P<inner>.*)', please check the stack trace above "
+        r"for the root cause$",
+        re.DOTALL,
+    ),
 )
 
 

@@ -103,8 +103,13 @@ class BroadcastWeightTransferEngine(WeightTransferEngine[Any, Any]):
         init = init_info.init
         self._store, self._group = join_group(init, host=init_info.host, device=self.device)
         self._init = init
-        logger.info("joined weight broadcast group %r as rank %d of %d (%s)",
-                    init.group_name, init.rank, init.world_size, init.backend)
+        logger.info(
+            "joined weight broadcast group %r as rank %d of %d (%s)",
+            init.group_name,
+            init.rank,
+            init.world_size,
+            init.backend,
+        )
 
     def start_weight_update(self) -> None:
         """Nothing to prepare: the model changes only in a `load` action."""
@@ -159,27 +164,35 @@ class BroadcastWeightTransferEngine(WeightTransferEngine[Any, Any]):
         if init is None or group is None:
             raise RuntimeError("group_name: no broadcast group is joined in vLLM's worker")
         if init.group_name != request.group_name:
-            raise RuntimeError(f"group_name: {request.group_name!r} is not the joined group "
-                               f"{init.group_name!r}")
+            raise RuntimeError(
+                f"group_name: {request.group_name!r} is not the joined group {init.group_name!r}"
+            )
         try:
-            staging = receive_buckets(group, request.tensors, request.bucket_plan(),
-                                      backend=init.backend, device=self.device)
+            staging = receive_buckets(
+                group,
+                request.tensors,
+                request.bucket_plan(),
+                backend=init.backend,
+                device=self.device,
+            )
         except BaseException:
             self.shutdown()  # the group is broken: drop it, its connections close
             raise
         tensors = {t.name: staging[i] for i, t in enumerate(request.tensors)}
         self._check_tied(tensors)
         self._staged = tensors
-        logger.info("received version %d of the weights (%d tensors)", request.version,
-                    len(tensors))
+        logger.info(
+            "received version %d of the weights (%d tensors)", request.version, len(tensors)
+        )
 
     def _check_manifest(self, request: BroadcastRequest) -> None:
         names = [t.name for t in request.tensors]
         if len(set(names)) != len(names):
             raise ValueError(f"{REFUSED}the manifest names a tensor twice")
         try:
-            check_layout({t.name: (tuple(t.shape), t.dtype) for t in request.tensors},
-                         self._reference())
+            check_layout(
+                {t.name: (tuple(t.shape), t.dtype) for t in request.tensors}, self._reference()
+            )
         except WeightsError as exc:
             raise ValueError(f"{REFUSED}{exc}") from exc
 
@@ -204,5 +217,10 @@ class BroadcastWeightTransferEngine(WeightTransferEngine[Any, Any]):
         """vLLM's in-place reload from `tensors` (checkpoint names, CPU)."""
         from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
-        reload_weights(self.vllm_config, self.model, weights_iterator=iter(tensors.items()),
-                       weights_path=None, is_checkpoint_format=True)
+        reload_weights(
+            self.vllm_config,
+            self.model,
+            weights_iterator=iter(tensors.items()),
+            weights_path=None,
+            is_checkpoint_format=True,
+        )
