@@ -16,7 +16,7 @@ a weight load waits for the requests being served and holds up the next ones (th
 pauses sampling). The training step is a stand-in too: ``time.sleep(--train-s)``.
 
 What is real is the trainer's side: :class:`trainer.connections.Services` (the HTTP clients,
-replica pools, the weight sync by path), :class:`trainer.batches.BatchProducer` and
+replica pools, the weight sync by path), :class:`trainer.producer.BatchProducer` and
 :func:`trainer.batches.make_batch` (the pipelined schedule), driven like
 :meth:`trainer.loop.Trainer.run` drives them (wait for the batch, train, push the weights),
 with ``sync.max_staleness`` K = 0 and 1.
@@ -68,7 +68,6 @@ from services.protocol import (  # noqa: E402
 )
 from trainer.batches import (  # noqa: E402
     Batch,
-    BatchProducer,
     assemble_batch,
     grade_rollouts,
     sample_rollouts,
@@ -78,6 +77,7 @@ from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.config_sections import TeacherContextConfig  # noqa: E402
 from trainer.connections import Services  # noqa: E402
 from trainer.data import Example, PromptSampler  # noqa: E402
+from trainer.producer import BatchProducer  # noqa: E402
 from trainer.teacher_context import TeacherContext  # noqa: E402
 from trainer.timing import timed  # noqa: E402
 from trainer.weight_sync import WEIGHTS_FILE  # noqa: E402

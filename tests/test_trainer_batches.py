@@ -20,7 +20,6 @@ import pytest
 from services.protocol import RolloutItem, RolloutResponse, RolloutUsage
 from trainer.batches import (
     Batch,
-    BatchProducer,
     build_sequences,
     derive_seed,
     example_samples,
@@ -35,6 +34,7 @@ from trainer.config_sections import TeacherContextConfig
 from trainer.data import Example, PromptSampler
 from trainer.grading import grade
 from trainer.policy import TrainSequence
+from trainer.producer import BatchProducer
 from trainer.teacher_context import TeacherContext
 from trainer.weight_sync import WEIGHTS_FILE, WeightSync
 

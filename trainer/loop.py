@@ -13,7 +13,7 @@ are sampled and scored in background threads while the current one trains, so a 
 come from weights up to K versions old (``policy/staleness``). The PPO ratio corrects for it:
 ``s`` is always the logprob of the weights that actually sampled.
 
-Each piece has its module: :mod:`trainer.batches` (sampling, scoring, the producer),
+Each piece has its module: :mod:`trainer.batches` (sampling, scoring), :mod:`trainer.producer` (running ahead),
 :mod:`trainer.optimization` (gradients and the update), :mod:`trainer.student_state` (the
 model: load, gather, save), :mod:`trainer.startup` (resume point, prompts) and
 :mod:`trainer.connections` (the services).
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import distributed as D
-from trainer.batches import Batch, BatchProducer, derive_seed
+from trainer.batches import Batch, derive_seed
 from trainer.checkpoint import write_safetensors
 from trainer.config import TrainConfig, dump_config
 from trainer.connections import Services, connect_services
@@ -36,6 +36,7 @@ from trainer.eval import evaluate, measure_reverse_kl, rollout_generator
 from trainer.observability import METRICS_FILE, Observability, truncate_metrics
 from trainer.optimization import accumulate_gradients, apply_gradients, make_scheduler
 from trainer.policy import resolve_device
+from trainer.producer import BatchProducer
 from trainer.startup import find_checkpoint, load_prompts, student_tokenizer_path
 from trainer.student_state import gather_state, load_trainable_student, restore, save_student
 from trainer.timing import timed

@@ -247,15 +247,9 @@ class MicroBatch:
     s: Tensor  # [B, T]
     tau: Tensor  # [B, T]
     mask: Tensor  # [B, T] bool: the tokens of the loss (the top-k term's)
+    policy_mask: Tensor  # [B, T] bool: those of the sampled-token term (a subset of mask's)
     k_ids: Tensor | None = None  # [N, K] the teacher's top-k ids at the same tokens
     teacher_k: Tensor | None = None  # [N, K] the teacher's logprobs at k_ids
-    # [B, T] bool: the sampled-token term's tokens, when fewer than ``mask``'s (None: the same)
-    pg_mask: Tensor | None = None
-
-    @property
-    def policy_mask(self) -> Tensor:
-        """The tokens of the sampled-token (policy-gradient) term."""
-        return self.mask if self.pg_mask is None else self.pg_mask
 
     @property
     def padded_tokens(self) -> int:
@@ -333,9 +327,9 @@ def collate(seqs: Sequence[TrainSequence], device: torch.device) -> MicroBatch:
         s=t(s_arr),
         tau=t(tau_arr),
         mask=t(mask),
+        policy_mask=t(mask & pg_rows[:, None]),
         k_ids=t(_stack(top_ids, k, np.int64)) if k else None,
         teacher_k=t(_stack(top_lps, k, np.float32)) if k else None,
-        pg_mask=None if pg_rows.all() else t(mask & pg_rows[:, None]),
     )
 
 
@@ -359,6 +353,7 @@ def empty_micro_batch(device: torch.device) -> MicroBatch:
     """A do-nothing micro-batch (all masked). Under FSDP every rank must run the same
     number of forwards; ranks with fewer real micro-batches run these."""
     z = torch.zeros(0, dtype=torch.long, device=device)
+    none = torch.zeros((1, 1), dtype=torch.bool, device=device)
     return MicroBatch(
         input_ids=torch.zeros((1, 2), dtype=torch.long, device=device),
         gather_index=z,
@@ -366,7 +361,8 @@ def empty_micro_batch(device: torch.device) -> MicroBatch:
         scatter_index=z,
         s=torch.zeros((1, 1), device=device),
         tau=torch.zeros((1, 1), device=device),
-        mask=torch.zeros((1, 1), dtype=torch.bool, device=device),
+        mask=none,
+        policy_mask=none,
     )
 
 

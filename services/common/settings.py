@@ -114,8 +114,8 @@ class ServiceSettings(BaseSettings):
     def engine_config(self) -> EngineConfig:
         """The `EngineConfig` these settings describe (every EngineConfig field is mirrored,
         except those a service sets itself: `SERVICE_ENGINE_FIELDS`)."""
-        return EngineConfig(**{name: getattr(self, name) for name in EngineConfig.model_fields
-                               if name not in SERVICE_ENGINE_FIELDS})
+        names = set(EngineConfig.model_fields) - SERVICE_ENGINE_FIELDS
+        return EngineConfig(**{name: getattr(self, name) for name in names})
 
     def limits(self) -> dict[str, int]:
         """The limits as published in `/info` (`InfoResponse.limits`)."""

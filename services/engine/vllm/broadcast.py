@@ -17,6 +17,7 @@ reset the prefix cache, resume.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from ..base import BroadcastReceiver
@@ -59,11 +60,7 @@ class VLLMBroadcastReceiver(BroadcastReceiver):
         request = WeightTransferInitRequest(
             init_info=JoinInfo(init=init, host=host).model_dump(mode="json")
         )
-        async with self.engine.weights.lock:
-            try:
-                await llm.init_weight_transfer_engine(request)
-            except Exception as exc:
-                raise failure(exc) from exc
+        await self._locked(lambda: llm.init_weight_transfer_engine(request))
 
     async def receive(self, request: BroadcastRequest) -> None:
         """The worker receives and checks every bucket; the model is untouched."""
@@ -87,9 +84,13 @@ class VLLMBroadcastReceiver(BroadcastReceiver):
         """The worker drops the group (nothing to do once the engine stopped)."""
         if not self.engine.running:
             return
-        llm = self.engine.llm
+        await self._locked(self.engine.llm.shutdown_weight_transfer_engine)
+
+    async def _locked(self, call: Callable[[], Awaitable[object]]) -> None:
+        """One call into vLLM's weight-transfer API under the weights lock; a worker failure
+        comes out as `failure(...)` of it."""
         async with self.engine.weights.lock:
             try:
-                await llm.shutdown_weight_transfer_engine()
+                await call()
             except Exception as exc:
                 raise failure(exc) from exc
