@@ -88,9 +88,10 @@ def service_env() -> dict[str, str]:
 def native_bf16_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX; Linux ``/proc/cpuinfo``).
 
-    There the demo trains under bf16 autocast (the master weights stay float32): measured on
-    a 2-core AVX512-BF16 machine, 1.6x faster forward/backward, ~1.9x faster training steps.
-    Elsewhere bf16 would be emulated, so the demo stays in float32."""
+    There the demo trains under bf16 autocast (the master weights stay float32): on a 2-core
+    AVX512-BF16 machine the training part of a step took 23-28 s instead of 42-53 s
+    (docs/benchmarks.md, "Context-distillation recipe", runs 6 and 7, quiet steps). Elsewhere bf16 would
+    be emulated, so the demo stays in float32."""
     try:
         flags = cpuinfo.read_text()
     except OSError:

