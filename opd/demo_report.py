@@ -60,6 +60,8 @@ class Row:
     examples: list[str] = field(default_factory=list)
     #: The teacher: its reverse KL to itself is 0 by definition.
     reference: bool = False
+    #: The same estimate as ``reverse_kl`` per answer (nats/answer) instead of per token.
+    reverse_kl_per_answer: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The row as results.json holds it."""
@@ -68,6 +70,7 @@ class Row:
             "answer_rate": self.answer_rate,
             "accuracy": self.accuracy,
             "reverse_kl": self.reverse_kl,
+            "reverse_kl_per_answer": self.reverse_kl_per_answer,
             "mean_length": self.mean_length,
             "degenerate_frac": self.degenerate_frac,
             "examples": list(self.examples),
@@ -98,6 +101,7 @@ def teacher_row(name: str, result: EvalResult) -> Row:
         result.degenerate_frac,
         [r["response"] for r in result.records[:EXAMPLES]],
         reference=True,
+        reverse_kl_per_answer=0.0,
     )
 
 
@@ -135,6 +139,7 @@ def _eval_row(name: str, metrics: Mapping[str, Any], answers: Sequence[dict[str,
         float(metrics.get("eval/response_length/mean", 0.0)),
         float(metrics.get("eval/degenerate_frac", 0.0)),
         [a["response"] for a in at_step[:EXAMPLES]],
+        reverse_kl_per_answer=metrics.get("eval/reverse_kl_per_answer"),
     )
 
 
@@ -158,10 +163,10 @@ def student_rows(train_dir: Path) -> tuple[Row, Row, int]:
     return before, after, int(last["step"])
 
 
-def _kl(row: Row) -> str:
+def _kl(row: Row, value: float | None, digits: int) -> str:
     if row.reference:
         return "0 (reference)"
-    return "not measured" if row.reverse_kl is None else f"{row.reverse_kl:.4f}"
+    return "not measured" if value is None else f"{value:.{digits}f}"
 
 
 COLUMNS = (
@@ -170,6 +175,7 @@ COLUMNS = (
     "answer rate",
     "accuracy",
     "reverse KL (nats/token)",
+    "reverse KL (nats/answer)",
     "mean length (tokens)",
     "blank or degenerate",
 )
@@ -191,7 +197,8 @@ def format_table(
             f"{r.format_rate:.1%}",
             f"{r.answer_rate:.1%}",
             f"{r.accuracy:.1%}",
-            _kl(r),
+            _kl(r, r.reverse_kl, 4),
+            _kl(r, r.reverse_kl_per_answer, 2),
             f"{r.mean_length:.1f}",
             f"{r.degenerate_frac:.1%}",
         ]
@@ -217,7 +224,10 @@ def format_table(
         f"{max_tokens} tokens); student before = step 0, after = step {steps}. Format rate: "
         "the answer ends in a `\\boxed{}`; answer rate: an answer is stated (boxed, `####` or "
         '"the answer is"); accuracy: the answer is correct in whatever form; reverse KL on '
-        f"the first {kl_prompts}, sampled at the rollout temperature; blank or degenerate: "
+        f"the first {kl_prompts}, sampled at the rollout temperature, the sum of the student's "
+        "minus the teacher's logprobs over the sampled tokens divided by the tokens and by the "
+        "answers (the KL between the two models' answers, up to the token limit; answers that "
+        "get shorter can lower it while the per-token figure rises); blank or degenerate: "
         "empty, one short unit repeated, or the same line three times or more."
     )
     width = max(len(r.name) for r in rows) + 1 if rows else 1
@@ -256,6 +266,13 @@ def results_json(
         **(extra or {}),
         "models": {key: row.as_json() if row else None for key, row in rows.items()},
     }
+
+
+def _change(old: float, new: float) -> str:
+    """``"fell by 0.0350 (34%): 0.1030 -> 0.0680."``"""
+    rel = abs(new - old) / old if old else 0.0
+    verb = "fell" if new < old else "rose"
+    return f"{verb} by {abs(new - old):.4f} ({rel:.0%}): {old:.4f} -> {new:.4f}."
 
 
 def write_results(run_dir: Path, table: str, results: Mapping[str, Any]) -> tuple[Path, Path]:
@@ -313,14 +330,12 @@ def report(
         f"\nformat rate: {before.format_rate:.1%} -> {after.format_rate:.1%}"
         + (f" (teacher {teacher.format_rate:.1%})" if teacher else "")
     )
-    if before.reverse_kl is not None and after.reverse_kl is not None:
-        change = after.reverse_kl - before.reverse_kl
-        rel = abs(change) / before.reverse_kl if before.reverse_kl else 0.0
-        verb = "fell" if change < 0 else "rose"
-        print(
-            f"reverse KL to the teacher {verb} by {abs(change):.4f} nats/token ({rel:.0%}): "
-            f"{before.reverse_kl:.4f} -> {after.reverse_kl:.4f}."
-        )
+    for unit, old, new in (
+        ("nats/token", before.reverse_kl, after.reverse_kl),
+        ("nats/answer", before.reverse_kl_per_answer, after.reverse_kl_per_answer),
+    ):
+        if old is not None and new is not None:
+            print(f"reverse KL to the teacher ({unit}): {_change(old, new)}")
     progress = train_dir / "plots" / EVAL_PROGRESS_FILE
     print(f"metrics: {train_dir / 'metrics.jsonl'}")
     print("plots:   " + ", ".join(str(p) for p in plots))

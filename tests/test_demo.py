@@ -93,6 +93,7 @@ MODEL_KEYS = {
     "answer_rate",
     "accuracy",
     "reverse_kl",
+    "reverse_kl_per_answer",
     "mean_length",
     "degenerate_frac",
     "examples",
@@ -131,9 +132,12 @@ def _check_results(results: dict, *, pair: str, steps: int, max_tokens: int) -> 
         assert 0.0 <= m["mean_length"] <= max_tokens
         assert len(m["examples"]) == 2 and all(isinstance(e, str) for e in m["examples"])
     models = results["models"]
-    assert models["teacher"]["reverse_kl"] == 0.0
-    # The tiny student is a different random model: a positive KL before and after.
-    assert models["student_before"]["reverse_kl"] > 0 and models["student_after"]["reverse_kl"] > 0
+    assert models["teacher"]["reverse_kl"] == models["teacher"]["reverse_kl_per_answer"] == 0.0
+    # The tiny student is a different random model: a positive KL before and after, and per
+    # answer at least as large as per token (every answer has a token or more).
+    for key in ("student_before", "student_after"):
+        kl, per_answer = models[key]["reverse_kl"], models[key]["reverse_kl_per_answer"]
+        assert 0 < kl <= per_answer, key
 
 
 def test_demo_context_pair_runs_and_reports(
@@ -173,7 +177,8 @@ def test_demo_context_pair_runs_and_reports(
     assert "0 (reference)" in rows["teacher (1-shot)"]
     assert "first 4 GSM8K test problems" in table and "reverse KL on the first 2" in table
     assert "problem 2 (answer" in table
-    assert re.search(r"reverse KL to the teacher (fell|rose) by \d\.\d{4} nats/token", out)
+    for unit in ("nats/token", "nats/answer"):
+        assert re.search(rf"reverse KL to the teacher \({unit}\): (fell|rose) by \d+\.\d{{4}}", out)
 
     # The teacher's row was asked with its context: the few-shot turn before the question.
     shot = load_gsm8k("train", gsm8k_dir)[0]
@@ -353,6 +358,7 @@ def _fake_run(train_dir: Path) -> None:
                         "eval/num_problems": n,
                         "eval/response_length/mean": 12.0,
                         "eval/reverse_kl": kl,
+                        "eval/reverse_kl_per_answer": 10 * kl,
                     }
                 )
                 + "\n"
@@ -379,6 +385,7 @@ def test_rows_table_json_and_curve_from_a_run(tmp_path) -> None:
     before, after, steps = student_rows(train_dir)
     assert steps == 4 and (before.format_rate, after.format_rate) == (0.25, 0.75)
     assert after.examples == ["answer 0 at 4", "answer 1 at 4"] and after.reverse_kl == 0.5
+    assert (before.reverse_kl_per_answer, after.reverse_kl_per_answer) == (9.0, 5.0)
 
     # The curve: format rate on the 2 problems every evaluation answered; all 4 beside it.
     prog = eval_progress(train_dir)
@@ -395,6 +402,7 @@ def test_rows_table_json_and_curve_from_a_run(tmp_path) -> None:
     rows = [line for line in table.splitlines() if line.startswith("| student")]
     assert [r.split("|")[1].strip() for r in rows] == ["student before", "student after"]
     assert "0.9000" in table and "75.0%" in table and "'answer 1 at 4'" in table
+    assert [r.split("|")[6].strip() for r in rows] == ["9.00", "5.00"]  # nats/answer
     results = results_json(
         {"teacher": None, "student_before": before, "student_after": after},
         pair="context",

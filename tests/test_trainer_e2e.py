@@ -188,7 +188,10 @@ def test_training_reduces_reverse_kl(
     finally:
         rollout.close()
         teacher.close()
-    assert redo == pytest.approx(after, rel=1e-3, abs=1e-3)
+    assert redo.per_token == pytest.approx(after, rel=1e-3, abs=1e-3)
+    assert redo.per_answer == pytest.approx(
+        records[-1]["eval/reverse_kl_per_answer"], rel=1e-3, abs=1e-3
+    )
 
     assert plot_main([str(run)]) == 0
     for png in ("accuracy.png", "kl.png", "eval_accuracy.png", "timing.png"):

@@ -288,7 +288,8 @@ class EvalConfig(Section):
         0,
         ge=0,
         description="also measure eval/reverse_kl: sample on the first N test prompts at "
-        "`rollout.temperature`, score with the teacher, mean per-token (s - tau). 0: off",
+        "`rollout.temperature`, score with the teacher, sum (s - tau) per token and per answer "
+        "(eval/reverse_kl_per_answer). 0: off",
     )
     kl_samples_per_prompt: int = Field(
         4, ge=1, description="samples per prompt for eval/reverse_kl"

@@ -9,7 +9,10 @@ The same code grades three kinds of model:
   temporary rollout service is started on it (hf backend by default) and used as above.
 
 ``measure_reverse_kl`` is the distillation metric: sample from the student, score with the
-teacher, mean per-token ``s - tau`` (a single-sample estimate of KL(student || teacher)).
+teacher, sum ``s - tau`` (a single-sample estimate of KL(student || teacher)), reported per
+token and per answer. The two can move apart: answers that get shorter raise the per-token
+figure's weight on their first, least predictable tokens, and a student that repeats itself
+lowers it (inside a loop both models predict the next line alike).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from trainer.teacher_context import TeacherContext
 __all__ = [
     "EvalResult",
     "Generate",
+    "ReverseKL",
     "RolloutFn",
     "chat_completions_generator",
     "eval_main",
@@ -192,6 +196,20 @@ def chat_completions_generator(
     return generate
 
 
+@dataclass(frozen=True)
+class ReverseKL:
+    """A held-out reverse-KL estimate: ``sum(s - tau)`` over the sampled answers' tokens,
+    divided by their tokens (``per_token``, nats/token) and by the answers (``per_answer``,
+    nats/answer: the KL between the two models' answer distributions, up to the token limit)."""
+
+    per_token: float
+    per_answer: float
+
+    def metrics(self) -> dict[str, float]:
+        """The logged scalars."""
+        return {"eval/reverse_kl": self.per_token, "eval/reverse_kl_per_answer": self.per_answer}
+
+
 def measure_reverse_kl(
     rollout_fn: RolloutFn,
     teacher: TeacherClient,
@@ -203,8 +221,8 @@ def measure_reverse_kl(
     teacher_temperature: float | None = None,
     teacher_context: TeacherContext | None = None,
     seed: int = 0,
-) -> float:
-    """Mean per-token ``s - tau`` over student samples on ``examples`` (nats per token).
+) -> ReverseKL:
+    """``s - tau`` summed over student samples on ``examples``, per token and per answer.
 
     With a fixed ``seed`` the same prompts are sampled the same way before and after
     training, so the two numbers differ only through the weights. ``teacher_context``: the
@@ -227,7 +245,10 @@ def measure_reverse_kl(
     )
     total = sum(float(np.sum(a[2] - t.logprobs)) for a, t in zip(arrays, scores, strict=True))
     tokens = sum(len(a[1]) for a in arrays)
-    return total / tokens if tokens else 0.0
+    return ReverseKL(
+        per_token=total / tokens if tokens else 0.0,
+        per_answer=total / len(arrays) if arrays else 0.0,
+    )
 
 
 # --------------------------------------------------------------------------------- opd eval

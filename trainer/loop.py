@@ -235,7 +235,7 @@ class Trainer:
             if self.obs is not None:
                 self.obs.log_eval_samples(self.step, result.records)
             if cfg.eval.kl_prompts:
-                metrics["eval/reverse_kl"] = measure_reverse_kl(
+                kl = measure_reverse_kl(
                     services.rollouts,
                     services.teacher,
                     self.eval_examples[: cfg.eval.kl_prompts],
@@ -246,6 +246,7 @@ class Trainer:
                     teacher_context=self.teacher_context,
                     seed=derive_seed(cfg.seed, -1),
                 )
+                metrics |= kl.metrics()
         return metrics
 
     def save(self) -> Path | None:
