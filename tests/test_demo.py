@@ -392,6 +392,7 @@ def test_rows_table_json_and_curve_from_a_run(tmp_path) -> None:
     assert (prog.steps, prog.format_rate, prog.common) == ([0, 2, 4, 5], [0, 0.5, 1, 0.5], 2)
     assert prog.full == [(0, 0.25, 4), (4, 0.75, 4)]
     assert (prog.kl_steps, prog.reverse_kl) == ([0, 2, 4, 5], [0.9, 0.7, 0.5, 0.4])
+    assert prog.reverse_kl_per_answer == [9.0, 7.0, 5.0, 4.0]
     assert plot_eval_progress([train_dir], tmp_path / "p.png").stat().st_size > 5000
     assert plot_eval_progress([tmp_path / "empty"], tmp_path / "q.png") is None
 

@@ -84,6 +84,8 @@ class EvalProgress:
     full: list[tuple[int, float, int]] = field(default_factory=list)  # (step, rate, problems)
     kl_steps: list[int] = field(default_factory=list)
     reverse_kl: list[float] = field(default_factory=list)
+    #: Per answer (nats/answer), at ``kl_steps``; empty for runs that did not log it.
+    reverse_kl_per_answer: list[float] = field(default_factory=list)
 
 
 def _eval_answers(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
@@ -107,6 +109,10 @@ def eval_progress(run_dir: str | Path) -> EvalProgress:
         if r.get("eval/reverse_kl") is not None:
             out.kl_steps.append(r["step"])
             out.reverse_kl.append(float(r["eval/reverse_kl"]))
+            if r.get("eval/reverse_kl_per_answer") is not None:
+                out.reverse_kl_per_answer.append(float(r["eval/reverse_kl_per_answer"]))
+    if len(out.reverse_kl_per_answer) != len(out.kl_steps):
+        out.reverse_kl_per_answer = []  # logged at some evaluations only: not plotted
     sizes = [int(r.get("eval/num_problems") or 0) for r in evals]
     out.common = min(sizes, default=0)
     answers = _eval_answers(run_dir) if len(set(sizes)) > 1 else {}
@@ -137,6 +143,7 @@ def plot_eval_progress(run_dirs: Sequence[str | Path], path: str | Path) -> Path
     if not any(p.steps or p.full for p in runs.values()):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    per_answer = axes[1].twinx() if any(p.reverse_kl_per_answer for p in runs.values()) else None
     for name, prog in runs.items():
         tag = f" ({name})" if len(runs) > 1 else ""
         label = "format rate" + (f", first {prog.common} problems" if prog.full else "")
@@ -151,11 +158,23 @@ def plot_eval_progress(run_dirs: Sequence[str | Path], path: str | Path) -> Path
                 label=f"format rate, all {'/'.join(map(str, sizes))} problems" + tag,
             )
         if prog.kl_steps:
-            axes[1].plot(prog.kl_steps, prog.reverse_kl, marker="o", label="reverse KL" + tag)
+            axes[1].plot(prog.kl_steps, prog.reverse_kl, marker="o", label="per token" + tag)
+        if per_answer is not None and prog.reverse_kl_per_answer:
+            per_answer.plot(
+                prog.kl_steps,
+                prog.reverse_kl_per_answer,
+                marker="s",
+                linestyle="--",
+                color="tab:red",
+                label="per answer (right axis)" + tag,
+            )
     axes[0].set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("share of answers ending in \\boxed{}")
     axes[0].set_title("Held-out format rate (greedy)")
     axes[1].set_ylabel("nats per token")
+    if per_answer is not None:
+        per_answer.set_ylabel("nats per answer")
+        per_answer.legend(loc="lower center", fontsize=8)
     has_kl = any(p.kl_steps for p in runs.values())
     axes[1].set_title("Held-out reverse KL to the teacher" + ("" if has_kl else ": not measured"))
     for ax in axes:
