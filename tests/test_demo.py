@@ -447,6 +447,10 @@ def test_demo_without_data_says_where_to_put_it(tmp_path, capsys, monkeypatch) -
     assert "no GSM8K data found" in capsys.readouterr().err
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_services(tiny_models, gsm8k_dir, tmp_path) -> None:
     run_dir = tmp_path / "demo"
     args = _demo_args(tiny_models, gsm8k_dir, run_dir) + [
@@ -461,6 +465,10 @@ def test_ctrl_c_stops_the_services(tiny_models, gsm8k_dir, tmp_path) -> None:
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # A job started in the background by a non-interactive shell (`cmd &`) inherits
+            # SIGINT ignored, and Python then never raises KeyboardInterrupt: give the demo
+            # the default disposition, as a terminal would.
+            preexec_fn=_default_sigint,
         )
     try:
         deadline = time.monotonic() + 240
