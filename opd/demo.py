@@ -90,8 +90,8 @@ def native_bf16_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
     There the demo trains under bf16 autocast (the master weights stay float32): on a 2-core
     AVX512-BF16 machine the training part of a step took 23-28 s instead of 42-53 s
-    (docs/benchmarks.md, "Context-distillation recipe", runs 6 and 7, quiet steps). Elsewhere bf16 would
-    be emulated, so the demo stays in float32."""
+    (docs/benchmarks.md, "Context-distillation recipe", runs 6 and 7, quiet steps).
+    Elsewhere bf16 would be emulated, so the demo stays in float32."""
     try:
         flags = cpuinfo.read_text()
     except OSError:

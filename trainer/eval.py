@@ -10,9 +10,9 @@ The same code grades three kinds of model:
 
 ``measure_reverse_kl`` is the distillation metric: sample from the student, score with the
 teacher, sum ``s - tau`` (a single-sample estimate of KL(student || teacher)), reported per
-token and per answer. The two can move apart: answers that get shorter raise the per-token
-figure's weight on their first, least predictable tokens, and a student that repeats itself
-lowers it (inside a loop both models predict the next line alike).
+token and per answer. The two can move apart: the per-token figure is divided by the answers'
+length, so answers that get shorter can raise it while the per-answer one falls, and a
+student that repeats itself lowers it (inside a loop both models predict the next line alike).
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ are sampled and scored in background threads while the current one trains, so a 
 come from weights up to K versions old (``policy/staleness``). The PPO ratio corrects for it:
 ``s`` is always the logprob of the weights that actually sampled.
 
-Each piece has its module: :mod:`trainer.batches` (sampling, scoring), :mod:`trainer.producer` (running ahead),
-:mod:`trainer.optimization` (gradients and the update), :mod:`trainer.student_state` (the
-model: load, gather, save), :mod:`trainer.startup` (resume point, prompts) and
-:mod:`trainer.connections` (the services).
+Each piece has its module: :mod:`trainer.batches` (sampling, scoring),
+:mod:`trainer.producer` (running ahead), :mod:`trainer.optimization` (gradients and the
+update), :mod:`trainer.student_state` (the model: load, gather, save), :mod:`trainer.startup`
+(resume point, prompts) and :mod:`trainer.connections` (the services).
 """
 
 from __future__ import annotations

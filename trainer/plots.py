@@ -157,15 +157,16 @@ def plot_eval_progress(run_dirs: Sequence[str | Path], path: str | Path) -> Path
                 linestyle="none",
                 label=f"format rate, all {'/'.join(map(str, sizes))} problems" + tag,
             )
-        if prog.kl_steps:
-            axes[1].plot(prog.kl_steps, prog.reverse_kl, marker="o", label="per token" + tag)
+        if not prog.kl_steps:
+            continue
+        (line,) = axes[1].plot(prog.kl_steps, prog.reverse_kl, marker="o", label="per token" + tag)
         if per_answer is not None and prog.reverse_kl_per_answer:
-            per_answer.plot(
+            per_answer.plot(  # the run's colour, dashed: one run, two scales
                 prog.kl_steps,
                 prog.reverse_kl_per_answer,
                 marker="s",
                 linestyle="--",
-                color="tab:red",
+                color=line.get_color(),
                 label="per answer (right axis)" + tag,
             )
     axes[0].set_ylim(-0.02, 1.02)
