@@ -10,7 +10,7 @@ import pytest
 from services.protocol import RolloutItem, RolloutResponse, RolloutUsage
 from trainer.clients import TokenScores
 from trainer.data import Example
-from trainer.eval import ReverseKL, measure_reverse_kl
+from trainer.eval import ReverseKL, measure_reverse_kl, sample_reverse_kl
 
 EXAMPLES = [
     Example(index=i, question=f"Q{i} ?", answer=f"#### {i}", ground_truth=str(i)) for i in range(2)
@@ -81,3 +81,19 @@ def test_no_samples_is_zero_not_a_division_error() -> None:
         _rollouts, _teacher([]), [], samples_per_prompt=2, max_tokens=8, temperature=1.0
     )
     assert kl == ReverseKL(0.0, 0.0)
+
+
+def test_samples_keep_each_answer_apart() -> None:
+    """``sample_reverse_kl``: one ``s - tau`` array per answer, aligned with its tokens."""
+    samples = sample_reverse_kl(
+        _rollouts,
+        _teacher([-1.0, -2.0, -0.5, -3.0]),
+        EXAMPLES,
+        samples_per_prompt=2,
+        max_tokens=8,
+        temperature=1.0,
+    )
+    assert [len(x.token_ids) for x in samples] == [4, 1, 3, 0]
+    np.testing.assert_allclose(samples[0].diffs, [0.5, 1.5, 0.0, 2.5])
+    np.testing.assert_allclose(samples[2].diffs, [0.5, 1.5, 0.0])
+    assert samples[0].token_ids.tolist() == [10, 11, 12, 13]

@@ -47,6 +47,7 @@ from trainer.teacher_context import TeacherContext
 __all__ = [
     "EvalResult",
     "Generate",
+    "KLSample",
     "ReverseKL",
     "RolloutFn",
     "chat_completions_generator",
@@ -54,6 +55,7 @@ __all__ = [
     "evaluate",
     "measure_reverse_kl",
     "rollout_generator",
+    "sample_reverse_kl",
     "temporary_rollout_service",
 ]
 
@@ -210,7 +212,15 @@ class ReverseKL:
         return {"eval/reverse_kl": self.per_token, "eval/reverse_kl_per_answer": self.per_answer}
 
 
-def measure_reverse_kl(
+@dataclass
+class KLSample:
+    """One sampled answer: its token ids and ``s - tau`` at each of them."""
+
+    token_ids: np.ndarray
+    diffs: np.ndarray
+
+
+def sample_reverse_kl(
     rollout_fn: RolloutFn,
     teacher: TeacherClient,
     examples: Sequence[Example],
@@ -221,12 +231,11 @@ def measure_reverse_kl(
     teacher_temperature: float | None = None,
     teacher_context: TeacherContext | None = None,
     seed: int = 0,
-) -> ReverseKL:
-    """``s - tau`` summed over student samples on ``examples``, per token and per answer.
+) -> list[KLSample]:
+    """Sample ``samples_per_prompt`` answers to each of ``examples`` from the student and
+    score them with the teacher: ``s - tau`` per token of every answer.
 
-    With a fixed ``seed`` the same prompts are sampled the same way before and after
-    training, so the two numbers differ only through the weights. ``teacher_context``: the
-    teacher scores the samples after its own prompt, as in training.
+    ``teacher_context``: the teacher scores the samples after its own prompt, as in training.
     """
     resp = rollout_fn(
         [{"messages": build_messages(ex.question)} for ex in examples],
@@ -243,11 +252,46 @@ def measure_reverse_kl(
     scores = teacher.score(
         prompts, [a[1] for a in arrays], temperature=teacher_temperature or temperature
     )
-    total = sum(float(np.sum(a[2] - t.logprobs)) for a, t in zip(arrays, scores, strict=True))
-    tokens = sum(len(a[1]) for a in arrays)
+    return [
+        KLSample(token_ids=a[1], diffs=a[2].astype(np.float64) - t.logprobs)
+        for a, t in zip(arrays, scores, strict=True)
+    ]
+
+
+def measure_reverse_kl(
+    rollout_fn: RolloutFn,
+    teacher: TeacherClient,
+    examples: Sequence[Example],
+    *,
+    samples_per_prompt: int,
+    max_tokens: int,
+    temperature: float,
+    teacher_temperature: float | None = None,
+    teacher_context: TeacherContext | None = None,
+    seed: int = 0,
+) -> ReverseKL:
+    """``s - tau`` summed over student samples on ``examples``, per token and per answer
+    (:func:`sample_reverse_kl`'s samples).
+
+    With a fixed ``seed`` the same prompts are sampled the same way before and after
+    training, so the two numbers differ only through the weights.
+    """
+    samples = sample_reverse_kl(
+        rollout_fn,
+        teacher,
+        examples,
+        samples_per_prompt=samples_per_prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        teacher_temperature=teacher_temperature,
+        teacher_context=teacher_context,
+        seed=seed,
+    )
+    total = sum(float(np.sum(x.diffs)) for x in samples)
+    tokens = sum(len(x.diffs) for x in samples)
     return ReverseKL(
         per_token=total / tokens if tokens else 0.0,
-        per_answer=total / len(arrays) if arrays else 0.0,
+        per_answer=total / len(samples) if samples else 0.0,
     )
 
 
