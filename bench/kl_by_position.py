@@ -61,6 +61,8 @@ class PositionKL:
 
 def kl_by_position(diffs: Sequence[np.ndarray]) -> PositionKL:
     """Group per-token ``s - tau`` arrays (one per answer) by position block."""
+    from trainer.eval import ReverseKL
+
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for d in diffs:
@@ -68,14 +70,13 @@ def kl_by_position(diffs: Sequence[np.ndarray]) -> PositionKL:
             key = position_label(i, len(d))
             sums[key] = sums.get(key, 0.0) + float(v)
             counts[key] = counts.get(key, 0) + 1
-    tokens = sum(len(d) for d in diffs)
-    total = float(sum(np.sum(d, dtype=np.float64) for d in diffs))
+    whole = ReverseKL.of(diffs)
     return PositionKL(
         sums=sums,
         counts=counts,
-        per_token=total / tokens if tokens else 0.0,
-        per_answer=total / len(diffs) if diffs else 0.0,
-        mean_length=tokens / len(diffs) if diffs else 0.0,
+        per_token=whole.per_token,
+        per_answer=whole.per_answer,
+        mean_length=sum(len(d) for d in diffs) / len(diffs) if diffs else 0.0,
     )
 
 

@@ -36,6 +36,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.scripts import load_script
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 GPU8_FILE = REPO_ROOT / "deploy" / "compose.gpu8.yml"
@@ -623,15 +625,7 @@ def _targets(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def test_dashboards_are_generated_and_current() -> None:
-    spec = importlib.util.spec_from_file_location(
-        "make_dashboards", REPO_ROOT / "deploy" / "grafana" / "make_dashboards.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_dashboards"] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop("make_dashboards", None)
+    module = load_script(Path("deploy/grafana/make_dashboards.py"))
     rendered = module.render_all()
     on_disk = {f.name: f.read_text() for f in DASHBOARD_DIR.glob("*.json")}
     assert rendered == on_disk, "run: python deploy/grafana/make_dashboards.py"

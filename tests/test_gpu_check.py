@@ -10,22 +10,17 @@ to end (documented in docs/benchmarks.md); it is not part of the suite (services
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
+
+from tests.scripts import load_script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH = REPO_ROOT / "bench"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gpu_train_check", BENCH / "gpu_train_check.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_train_check"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(BENCH / "gpu_train_check.py")
 
 
 def test_gpu_check_script_parses_and_runs_every_step() -> None:

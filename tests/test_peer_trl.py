@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.scripts import load_script
 from trainer.config import load_config
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "peer_trl.py"
@@ -15,11 +15,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "peer_trl.py"
 
 @pytest.fixture(scope="module")
 def peer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("peer_trl", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_defaults_are_the_demo_shape(peer: ModuleType) -> None:

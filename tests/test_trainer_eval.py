@@ -17,6 +17,9 @@ EXAMPLES = [
 ]
 #: Answer lengths per (prompt, sample): a long and a short answer per prompt, one empty.
 LENGTHS = {(0, 0): 4, (0, 1): 1, (1, 0): 3, (1, 1): 0}
+#: The teacher's logprob of answer tokens 0..3 (every answer starts with the same tokens).
+TAU = [-1.0, -2.0, -0.5, -3.0]
+SAMPLING = {"samples_per_prompt": 2, "max_tokens": 8, "temperature": 1.0}
 
 
 def _rollouts(prompts, *, n, max_tokens, temperature, seed) -> RolloutResponse:
@@ -59,14 +62,7 @@ def test_reverse_kl_per_token_and_per_answer() -> None:
     """``sum(s - tau)`` over every sampled token, divided by the tokens and by the answers
     (an empty answer counts as an answer with nothing to add)."""
     # s - tau = -0.5 - tau: 0.5, 1.5, 0.0, 2.5 for answer tokens 0..3
-    kl = measure_reverse_kl(
-        _rollouts,
-        _teacher([-1.0, -2.0, -0.5, -3.0]),
-        EXAMPLES,
-        samples_per_prompt=2,
-        max_tokens=8,
-        temperature=1.0,
-    )
+    kl = measure_reverse_kl(_rollouts, _teacher(TAU), EXAMPLES, **SAMPLING)
     total = (0.5 + 1.5 + 0.0 + 2.5) + 0.5 + (0.5 + 1.5 + 0.0) + 0.0
     assert kl.per_token == pytest.approx(total / 8)
     assert kl.per_answer == pytest.approx(total / 4)
@@ -77,22 +73,13 @@ def test_reverse_kl_per_token_and_per_answer() -> None:
 
 
 def test_no_samples_is_zero_not_a_division_error() -> None:
-    kl = measure_reverse_kl(
-        _rollouts, _teacher([]), [], samples_per_prompt=2, max_tokens=8, temperature=1.0
-    )
+    kl = measure_reverse_kl(_rollouts, _teacher([]), [], **SAMPLING)
     assert kl == ReverseKL(0.0, 0.0)
 
 
 def test_samples_keep_each_answer_apart() -> None:
     """``sample_reverse_kl``: one ``s - tau`` array per answer, aligned with its tokens."""
-    samples = sample_reverse_kl(
-        _rollouts,
-        _teacher([-1.0, -2.0, -0.5, -3.0]),
-        EXAMPLES,
-        samples_per_prompt=2,
-        max_tokens=8,
-        temperature=1.0,
-    )
+    samples = sample_reverse_kl(_rollouts, _teacher(TAU), EXAMPLES, **SAMPLING)
     assert [len(x.token_ids) for x in samples] == [4, 1, 3, 0]
     np.testing.assert_allclose(samples[0].diffs, [0.5, 1.5, 0.0, 2.5])
     np.testing.assert_allclose(samples[2].diffs, [0.5, 1.5, 0.0])

@@ -207,6 +207,16 @@ class ReverseKL:
     per_token: float
     per_answer: float
 
+    @classmethod
+    def of(cls, diffs: Sequence[np.ndarray]) -> ReverseKL:
+        """The estimate from each answer's per-token ``s - tau`` (an empty answer counts)."""
+        total = sum(float(np.sum(d)) for d in diffs)
+        tokens = sum(len(d) for d in diffs)
+        return cls(
+            per_token=total / tokens if tokens else 0.0,
+            per_answer=total / len(diffs) if diffs else 0.0,
+        )
+
     def metrics(self) -> dict[str, float]:
         """The logged scalars."""
         return {"eval/reverse_kl": self.per_token, "eval/reverse_kl_per_answer": self.per_answer}
@@ -259,40 +269,16 @@ def sample_reverse_kl(
 
 
 def measure_reverse_kl(
-    rollout_fn: RolloutFn,
-    teacher: TeacherClient,
-    examples: Sequence[Example],
-    *,
-    samples_per_prompt: int,
-    max_tokens: int,
-    temperature: float,
-    teacher_temperature: float | None = None,
-    teacher_context: TeacherContext | None = None,
-    seed: int = 0,
+    rollout_fn: RolloutFn, teacher: TeacherClient, examples: Sequence[Example], **sampling: Any
 ) -> ReverseKL:
-    """``s - tau`` summed over student samples on ``examples``, per token and per answer
-    (:func:`sample_reverse_kl`'s samples).
+    """``s - tau`` summed over student samples on ``examples``, per token and per answer.
 
-    With a fixed ``seed`` the same prompts are sampled the same way before and after
-    training, so the two numbers differ only through the weights.
+    ``sampling``: the keyword arguments of :func:`sample_reverse_kl`. With a fixed ``seed``
+    the same prompts are sampled the same way before and after training, so the two numbers
+    differ only through the weights.
     """
-    samples = sample_reverse_kl(
-        rollout_fn,
-        teacher,
-        examples,
-        samples_per_prompt=samples_per_prompt,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        teacher_temperature=teacher_temperature,
-        teacher_context=teacher_context,
-        seed=seed,
-    )
-    total = sum(float(np.sum(x.diffs)) for x in samples)
-    tokens = sum(len(x.diffs) for x in samples)
-    return ReverseKL(
-        per_token=total / tokens if tokens else 0.0,
-        per_answer=total / len(samples) if samples else 0.0,
-    )
+    samples = sample_reverse_kl(rollout_fn, teacher, examples, **sampling)
+    return ReverseKL.of([x.diffs for x in samples])
 
 
 # --------------------------------------------------------------------------------- opd eval
