@@ -68,3 +68,34 @@ def test_trainer_and_rollout_tokenizers_must_agree(cfg) -> None:
 def test_short_service_context_is_refused(cfg) -> None:
     with pytest.raises(StartupError, match="max_model_len is 512"):
         check_services(cfg, _info("teacher", max_model_len=512), _info("student_rollout"))
+
+
+
+def _with(*overrides: str):
+    return load_config(None, ["student.model=student-model", *overrides])
+
+
+def test_top_k_above_the_teachers_limit_is_refused_at_start() -> None:
+    """A top-k the teacher would refuse fails before the first step samples anything."""
+    teacher = _info("teacher", limits={"max_top_k": 20})
+    with pytest.raises(StartupError, match=r"algorithm.teacher_top_k is 32 .* at most 20") as e:
+        check_services(_with("algorithm.teacher_top_k=32"), teacher, _info("student_rollout"))
+    assert "--max-top-k 32" in str(e.value)
+    check_services(_with("algorithm.teacher_top_k=20"), teacher, _info("student_rollout"))
+
+
+def test_samples_per_prompt_above_the_rollout_limit_is_refused() -> None:
+    rollout = _info("student_rollout", limits={"max_n": 4})
+    with pytest.raises(StartupError, match="rollout.samples_per_prompt is 8") as e:
+        check_services(_with("rollout.samples_per_prompt=8"), _info("teacher"), rollout)
+    assert "--max-n 8" in str(e.value)
+    kl = ["rollout.samples_per_prompt=4", "eval.kl_samples_per_prompt=6"]
+    with pytest.raises(StartupError, match="eval.kl_samples_per_prompt is 6"):
+        check_services(_with(*kl, "eval.kl_prompts=8"), _info("teacher"), rollout)
+    # the KL measurement off: its n is never asked for
+    check_services(_with(*kl, "eval.kl_prompts=0"), _info("teacher"), rollout)
+
+
+def test_a_service_without_published_limits_passes() -> None:
+    cfg = _with("algorithm.teacher_top_k=64", "rollout.samples_per_prompt=128")
+    check_services(cfg, _info("teacher", limits={}), _info("student_rollout", limits={}))

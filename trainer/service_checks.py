@@ -27,6 +27,25 @@ def _same_model(expected: str, info: InfoResponse) -> bool:
     return expected in names or any(n.rstrip("/").rsplit("/", 1)[-1] == tail for n in names)
 
 
+def _check_limits(cfg: TrainConfig, teacher: InfoResponse, rollout: InfoResponse) -> None:
+    """Refuse a run whose requests a service's published limits (``/info`` ``limits``) would
+    refuse, before the first step samples anything. A service that publishes no limit passes."""
+    wanted = [
+        (teacher, "max_top_k", "algorithm.teacher_top_k", cfg.algorithm.teacher_top_k, "--max-top-k"),
+        (rollout, "max_n", "rollout.samples_per_prompt", cfg.rollout.samples_per_prompt, "--max-n"),
+    ]
+    if cfg.eval.kl_prompts:
+        n = cfg.eval.kl_samples_per_prompt
+        wanted.append((rollout, "max_n", "eval.kl_samples_per_prompt", n, "--max-n"))
+    for info, limit, key, value, flag in wanted:
+        allowed = info.limits.get(limit)
+        if allowed is not None and value > allowed:
+            raise StartupError(
+                f"{key} is {value} but the {info.service} service allows at most {allowed} "
+                f"({limit} in its /info). Start it with {flag} {value} or lower {key}"
+            )
+
+
 def check_services(
     cfg: TrainConfig,
     teacher: InfoResponse,
@@ -82,6 +101,7 @@ def check_services(
             "services.teacher_url at the right service, or set teacher.model to null to skip "
             "this check"
         )
+    _check_limits(cfg, teacher, rollout)
     for name, info in (("teacher", teacher), ("rollout", rollout)):
         if info.max_model_len < cfg.trainer.max_model_len:
             raise StartupError(
