@@ -33,6 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python bench/kl_by_position.py` from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
+from trainer.eval import ReverseKL, sample_reverse_kl  # noqa: E402
+
 HEAD = 5
 TAIL = 5
 BLOCK = 40
@@ -61,8 +63,6 @@ class PositionKL:
 
 def kl_by_position(diffs: Sequence[np.ndarray]) -> PositionKL:
     """Group per-token ``s - tau`` arrays (one per answer) by position block."""
-    from trainer.eval import ReverseKL
-
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for d in diffs:
@@ -105,7 +105,6 @@ def main(argv: Sequence[str]) -> int:
 
     from trainer.clients import RolloutClient, TeacherClient
     from trainer.config import load_config
-    from trainer.eval import sample_reverse_kl
     from trainer.grading import is_degenerate
     from trainer.startup import load_prompts
 
@@ -137,7 +136,7 @@ def main(argv: Sequence[str]) -> int:
         res = kl_by_position(diffs)
         texts = [tokenizer.decode(x.token_ids, skip_special_tokens=True) for x in samples]
         degenerate = [is_degenerate(t) for t in texts]
-        loops = kl_by_position([d for d, g in zip(diffs, degenerate, strict=True) if g])
+        loops = ReverseKL.of([d for d, g in zip(diffs, degenerate, strict=True) if g])
         truncated = sum(len(x.token_ids) >= cfg.rollout.max_tokens for x in samples)
         print(
             f"\nseed {seed}: {len(diffs)} answers at temperature {temperature}: "

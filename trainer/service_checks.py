@@ -31,15 +31,16 @@ def _check_limits(cfg: TrainConfig, teacher: InfoResponse, rollout: InfoResponse
     """Refuse a run whose requests a service's published limits (``/info`` ``limits``) would
     refuse, before the first step samples anything. A service that publishes no limit passes."""
     wanted = [
-        (teacher, "max_top_k", "algorithm.teacher_top_k", cfg.algorithm.teacher_top_k, "--max-top-k"),
-        (rollout, "max_n", "rollout.samples_per_prompt", cfg.rollout.samples_per_prompt, "--max-n"),
+        (teacher, "max_top_k", "algorithm.teacher_top_k", cfg.algorithm.teacher_top_k),
+        (rollout, "max_n", "rollout.samples_per_prompt", cfg.rollout.samples_per_prompt),
     ]
     if cfg.eval.kl_prompts:
         n = cfg.eval.kl_samples_per_prompt
-        wanted.append((rollout, "max_n", "eval.kl_samples_per_prompt", n, "--max-n"))
-    for info, limit, key, value, flag in wanted:
+        wanted.append((rollout, "max_n", "eval.kl_samples_per_prompt", n))
+    for info, limit, key, value in wanted:
         allowed = info.limits.get(limit)
         if allowed is not None and value > allowed:
+            flag = "--" + limit.replace("_", "-")  # the service flag that sets the limit
             raise StartupError(
                 f"{key} is {value} but the {info.service} service allows at most {allowed} "
                 f"({limit} in its /info). Start it with {flag} {value} or lower {key}"
