@@ -11,7 +11,6 @@ asks first.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -114,24 +113,6 @@ def render_fails(values: dict[str, Any]) -> str:
     with pytest.raises(helm.HelmError) as info:
         _chart().render(values, name=RELEASE, namespace=NAMESPACE)
     return str(info.value)
-
-
-def _settings(module: str, cls: str) -> Any:
-    return getattr(importlib.import_module(module), cls)
-
-
-def teacher_settings() -> Any:
-    return _settings("services.teacher.app", "TeacherSettings")
-
-
-def rollout_settings() -> Any:
-    return _settings("services.student_rollout.settings", "RolloutSettings")
-
-
-def _trainer_metrics_port() -> int:
-    from trainer.config import LoggingConfig
-
-    return int(LoggingConfig.model_fields["metrics_port"].default)
 
 
 def _command_config(docs: list[dict[str, Any]], tmp_path: Path) -> tuple[list[str], Any]:

@@ -10,13 +10,18 @@ weight-sync directory.
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.code_defaults import (
+    default_port,
+    rollout_settings,
+    teacher_settings,
+    trainer_metrics_port,
+)
 from tests.deploy_compose import (
     COMPOSE,
     COMPOSE_FILE,
@@ -40,17 +45,6 @@ GPU_SERVICES = ("teacher", "student_rollout", "trainer")
 CPU_SERVICES = ("teacher-cpu", "student_rollout-cpu", "trainer-cpu")
 
 
-def _settings_port(module: str, cls: str) -> int:
-    settings = getattr(importlib.import_module(module), cls)
-    return int(settings.model_fields["port"].default)
-
-
-def _trainer_metrics_port() -> int:
-    from trainer.config import LoggingConfig
-
-    return int(LoggingConfig.model_fields["metrics_port"].default)
-
-
 def test_compose_tool_found_or_fallback() -> None:
     """Reports which validator ran; `scripts/install_tools.sh` provides Compose here."""
     model = compose_model("gpu")
@@ -71,9 +65,9 @@ def test_profiles_select_the_right_services(profile: str) -> None:
 
 
 def test_ports_match_code_defaults() -> None:
-    teacher_port = _settings_port("services.teacher.app", "TeacherSettings")
-    rollout_port = _settings_port("services.student_rollout.settings", "RolloutSettings")
-    trainer_port = _trainer_metrics_port()
+    teacher_port = default_port(teacher_settings())
+    rollout_port = default_port(rollout_settings())
+    trainer_port = trainer_metrics_port()
     expected = {"teacher": teacher_port, "student_rollout": rollout_port}
     for profile, suffix in (("gpu", ""), ("cpu", "-cpu")):
         services = compose_model(profile)["services"]
@@ -199,7 +193,7 @@ def test_trainer_command_is_a_valid_config(profile: str) -> None:
     cfg = load_config(
         path, [f"run_dir={resume}", *(f"{k}={v}" for k, v in _overrides(cmd).items())]
     )
-    assert cfg.logging.metrics_port == _trainer_metrics_port()
+    assert cfg.logging.metrics_port == trainer_metrics_port()
     assert cfg.sync.method == "load"
 
 
@@ -213,9 +207,9 @@ def test_service_names_resolve_in_both_profiles() -> None:
         for t in sc["targets"]
     }
     ports = {
-        "teacher": _settings_port("services.teacher.app", "TeacherSettings"),
-        "student_rollout": _settings_port("services.student_rollout.settings", "RolloutSettings"),
-        "trainer": _trainer_metrics_port(),
+        "teacher": default_port(teacher_settings()),
+        "student_rollout": default_port(rollout_settings()),
+        "trainer": trainer_metrics_port(),
     }
     assert {f"{h}:{p}" for h, p in ports.items()} <= targets
     for profile in ("gpu", "cpu"):

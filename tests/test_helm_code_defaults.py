@@ -9,16 +9,19 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from tests.code_defaults import (
+    default_port,
+    rollout_settings,
+    teacher_settings,
+    trainer_metrics_port,
+)
 from tests.helm_render import (
     EVERYTHING,
     RELEASE,
-    _trainer_metrics_port,
     container,
     env,
     find,
     render,
-    rollout_settings,
-    teacher_settings,
     trainer_config_text,
     trainer_job,
 )
@@ -27,14 +30,14 @@ from tests.helm_render import (
 def test_ports_are_the_code_defaults() -> None:
     docs = render()
     for component, settings in (("teacher", teacher_settings()), ("rollout", rollout_settings())):
-        port = int(settings.model_fields["port"].default)
+        port = default_port(settings)
         sts = find(docs, "StatefulSet", f"{RELEASE}-{component}")
         c = container(sts)
         assert c["ports"] == [{"name": "http", "containerPort": port}], component
         assert env(c)["OPD_PORT"]["value"] == str(port)
         for name in (f"{RELEASE}-{component}", f"{RELEASE}-{component}-headless"):
             assert find(docs, "Service", name)["spec"]["ports"][0]["port"] == port, name
-    metrics_port = _trainer_metrics_port()
+    metrics_port = trainer_metrics_port()
     job = trainer_job(docs)
     assert container(job)["ports"][0]["containerPort"] == metrics_port
     assert (

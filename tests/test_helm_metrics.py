@@ -10,11 +10,11 @@ from pathlib import Path
 
 import yaml
 
+from tests.code_defaults import trainer_metrics_port
 from tests.helm_render import (
     EVERYTHING,
     RELEASE,
     _chart,
-    _trainer_metrics_port,
     find,
     render,
     trainer_job,
@@ -35,7 +35,7 @@ def test_scrape_annotations_and_service_monitor() -> None:
             "prometheus.io/path": "/metrics",
         }
     single = trainer_job(render())["spec"]["template"]["metadata"]["annotations"]
-    assert single["prometheus.io/port"] == str(_trainer_metrics_port())
+    assert single["prometheus.io/port"] == str(trainer_metrics_port())
     monitor = find(docs, "ServiceMonitor", RELEASE)
     assert monitor["metadata"]["labels"]["release"] == "prom"
     selector = monitor["spec"]["selector"]["matchLabels"]

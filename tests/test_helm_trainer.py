@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.code_defaults import trainer_metrics_port
 from tests.helm_render import (
     MULTI_NODE,
     RELEASE,
     VARIANTS,
     _command_config,
-    _trainer_metrics_port,
     container,
     env,
     find,
@@ -70,7 +70,7 @@ def test_trainer_command_is_a_valid_config(variant: str, tmp_path: Path) -> None
     cmd, cfg = _command_config(docs, tmp_path)
     assert "--resume=/shared/runs/opd_gsm8k" in cmd
     assert cfg.run_dir == "/shared/runs/opd_gsm8k"
-    assert cfg.logging.metrics_port == _trainer_metrics_port()
+    assert cfg.logging.metrics_port == trainer_metrics_port()
     assert cfg.logging.progress_bar is False
     # The URL lists name Services of this release, on their ports: each pod of a pool by its
     # headless Service (ordinals 0..replicas-1), or the router alone.
