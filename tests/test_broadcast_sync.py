@@ -28,8 +28,8 @@ import torch
 
 from services.protocol import BroadcastRequest, decode_array
 from services.student_rollout.broadcast_group import pack, unpack
+from tests.rollout_reference import API_KEY, AUTH, Reference, perturbed, save_dir
 from tests.servers import ServerHandle, start_server
-from tests.test_rollout_http import API_KEY, AUTH, Reference, perturbed, save_dir
 from trainer.broadcast_sync import BroadcastError, BroadcastSender
 from trainer.clients import RolloutClient
 from trainer.retry import RetryPolicy

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.rollout_reference import API_KEY, AUTH, Reference, perturbed, save_dir
 from tests.servers import ServerHandle, start_server
 from tests.test_broadcast_sync import (
     DiesAfterFirstBucket,
@@ -28,7 +29,6 @@ from tests.test_broadcast_sync import (
     send_misshapen,
     sender,
 )
-from tests.test_rollout_http import API_KEY, AUTH, Reference, perturbed, save_dir
 from tests.weight_faults import FAULT_KEY, FAULT_VERSIONS_ENV
 from trainer.broadcast_sync import BroadcastError
 from trainer.clients import RolloutClient

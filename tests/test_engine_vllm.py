@@ -7,7 +7,8 @@ running in a background thread and every engine call is submitted to it.
 
 Tolerance: vLLM's CPU kernels and transformers' eager float32 forward agree to ~1e-6 on these
 models; `ATOL = 1e-4` is the acceptance bound (a temperature or off-by-one error is > 0.1).
-Weight-update tests run after the others and put the original weights back.
+Weight-update tests run after the others and put the original weights back. The engine-free
+kind gate is tests/test_engine_vllm_kind_gate.py.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+
+from tests.loop_thread import LoopThread
 
 pytestmark = [
     pytest.mark.vllm,
@@ -31,24 +32,6 @@ pytestmark = [
 
 ATOL = 1e-4
 MAX_MODEL_LEN = 64
-_T = TypeVar("_T")
-
-
-class LoopThread:
-    """An event loop running in a daemon thread; `run` submits a coroutine and waits."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, _T], timeout: float = 300.0) -> _T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=30)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -107,47 +90,6 @@ def ref_logprobs(model, ids: list[int], temperature: float = 1.0) -> np.ndarray:
 def random_ids(rng: np.random.Generator, n: int) -> list[int]:
     # Skip the 3 special tokens so sequences look like text.
     return [int(t) for t in rng.integers(3, 512, size=n)]
-
-
-# --------------------------------------------------------------------------- kind gate
-
-
-def test_kind_gate_keeps_conflicting_kinds_apart():
-    from services.engine.vllm.requests import KindGate as _KindGate
-
-    async def scenario() -> list[tuple[str, str]]:
-        gate = _KindGate()
-        log: list[tuple[str, str]] = []
-        active: dict[str, int] = {"token_ids": 0, "top_k": 0, "plain": 0}
-
-        async def job(kind: str, name: str, hold: float) -> None:
-            async with gate.hold(kind):
-                active[kind] += 1
-                other = {"token_ids": "top_k", "top_k": "token_ids"}.get(kind)
-                assert other is None or active[other] == 0, "conflicting kinds overlapped"
-                log.append(("in", name))
-                await asyncio.sleep(hold)
-                active[kind] -= 1
-
-        first = asyncio.ensure_future(job("top_k", "k1", 0.05))
-        await asyncio.sleep(0.01)
-        waiter = asyncio.ensure_future(job("token_ids", "t1", 0.01))
-        plain = asyncio.ensure_future(job("plain", "p", 0.0))
-        await asyncio.sleep(0.01)
-        late = asyncio.ensure_future(job("top_k", "k2", 0.01))  # queues behind t1
-        # A cancelled waiter must not wedge the gate.
-        doomed = asyncio.ensure_future(job("token_ids", "t-cancelled", 0.0))
-        await asyncio.sleep(0)
-        doomed.cancel()
-        await asyncio.gather(first, waiter, plain, late, return_exceptions=False)
-        async with asyncio.timeout(1):
-            await job("token_ids", "t2", 0.0)
-        return log
-
-    order = [name for _, name in asyncio.run(scenario())]
-    assert order.index("p") < order.index("t1")  # plain never waits
-    assert order.index("k1") < order.index("t1") < order.index("k2")  # no starvation
-    assert order[-1] == "t2" and "t-cancelled" not in order
 
 
 # --------------------------------------------------------------------------- info

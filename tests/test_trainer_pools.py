@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from services.protocol import B64Array
 from tests.servers import free_port, start_server
-from tests.test_trainer_e2e import _config, _rollout_args
+from tests.trainer_runs import _config, _rollout_args
 from trainer.cli import train_main
 from trainer.clients import RolloutClient, ServiceClient, ServiceError, TeacherClient
 from trainer.config import ConfigError, LoggingConfig, load_config

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.servers import start_server
-from tests.test_trainer_e2e import _config, _rollout_args
+from tests.trainer_runs import _config, _rollout_args
 from trainer.cli import train_main
 from trainer.observability import read_metrics
 

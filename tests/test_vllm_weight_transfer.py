@@ -22,7 +22,7 @@ from torch.distributed import TCPStore
 from services.engine.base import WeightsError
 from services.protocol import BroadcastInitRequest, BroadcastRequest
 from services.student_rollout.broadcast_group import open_group, pack, prefixed_store
-from tests.test_rollout_http import perturbed
+from tests.rollout_reference import perturbed
 
 pytestmark = [
     pytest.mark.vllm,

@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 from services.engine import EngineConfig, ScoreInput, WeightsError, make_engine
+from tests.rollout_reference import API_KEY, AUTH, Reference, perturbed, save_dir
 from tests.servers import ServerHandle, start_server
-from tests.test_rollout_http import API_KEY, AUTH, Reference, perturbed, save_dir
 from tests.weight_faults import FAULT_KEY
 
 # --------------------------------------------------------------------------- engine level
