@@ -50,6 +50,26 @@ VENDOR_PEAKS = (
 )
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def backward_step(loss_fn: LossFn) -> Callable[..., Callable[[], torch.Tensor]]:
+    """`make(h, w, y)` -> one timed step: clear the grads, `loss_fn(h, w, y)`, backward.
+
+    Every method is timed through this, so each pays the same bookkeeping around its kernel."""
+
+    def make(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def step() -> torch.Tensor:
+            h.grad = w.grad = None
+            loss = loss_fn(h, w, y)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return make
+
+
 def vendor_peak(device: torch.device, dtype: torch.dtype) -> tuple[float | None, float | None, str]:
     """(TFLOP/s, GB/s, source) of the device for dtype; None where unknown (CPU, other GPUs)."""
     if device.type != "cuda":
@@ -104,17 +124,11 @@ def _linear_logprob_methods(
     T = args.temperature
 
     def ours(backend: str) -> Callable[..., Callable[[], torch.Tensor]]:
-        def make(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
-            def step() -> torch.Tensor:
-                h.grad = w.grad = None
-                out = linear_logprob(h, w, y, T, backend=backend, chunk_tokens=args.chunk)  # type: ignore[arg-type]
-                loss = -out.logp.mean()
-                loss.backward()
-                return loss.detach()
+        def loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = linear_logprob(h, w, y, T, backend=backend, chunk_tokens=args.chunk)  # type: ignore[arg-type]
+            return -out.logp.mean()
 
-            return step
-
-        return make
+        return backward_step(loss)
 
     wanted = args.methods.split(",")
     if "chunked" in wanted:
@@ -136,19 +150,7 @@ def _linear_logprob_methods(
                 notes.append("liger: skipped (its Triton kernels need CUDA)")
             else:
                 liger = LigerFusedLinearCrossEntropyLoss()
-
-                def make_liger(
-                    h: torch.Tensor, w: torch.Tensor, y: torch.Tensor
-                ) -> Callable[[], torch.Tensor]:
-                    def step() -> torch.Tensor:
-                        h.grad = w.grad = None
-                        loss = liger(w, h, y)
-                        loss.backward()
-                        return loss.detach()
-
-                    return step
-
-                methods["liger"] = make_liger
+                methods["liger"] = backward_step(lambda h, w, y: liger(w, h, y))
     if "cce" in wanted:
         try:
             from cut_cross_entropy import linear_cross_entropy
@@ -158,19 +160,7 @@ def _linear_logprob_methods(
             if device.type != "cuda":
                 notes.append("cce: skipped (its Triton kernels need CUDA)")
             else:
-
-                def make_cce(
-                    h: torch.Tensor, w: torch.Tensor, y: torch.Tensor
-                ) -> Callable[[], torch.Tensor]:
-                    def step() -> torch.Tensor:
-                        h.grad = w.grad = None
-                        loss = linear_cross_entropy(h, w, y)
-                        loss.backward()
-                        return loss.detach()
-
-                    return step
-
-                methods["cce"] = make_cce
+                methods["cce"] = backward_step(linear_cross_entropy)
     if T != 1.0 and ({"liger", "cce"} & set(methods)):
         notes.append(f"liger/cce run at T = 1 (no temperature argument); ours at T = {T}")
     return methods, notes
