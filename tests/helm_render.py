@@ -55,14 +55,14 @@ VARIANTS = {"default": {}, "multi-node": MULTI_NODE, "everything": EVERYTHING}
 
 
 @functools.cache
-def _chart() -> Any:
+def chart() -> Any:
     helm.disable_logging()  # it logs each symlink it follows (dashboards/)
     return helm.Chart.load(CHART)
 
 
 @functools.cache
 def _render_cached(key: str) -> dict[str, str]:
-    return _chart().render(json.loads(key), name=RELEASE, namespace=NAMESPACE)
+    return chart().render(json.loads(key), name=RELEASE, namespace=NAMESPACE)
 
 
 def render_files(values: dict[str, Any] | None = None) -> dict[str, str]:
@@ -111,11 +111,11 @@ def trainer_config_text(docs: list[dict[str, Any]]) -> str:
 
 def render_fails(values: dict[str, Any]) -> str:
     with pytest.raises(helm.HelmError) as info:
-        _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+        chart().render(values, name=RELEASE, namespace=NAMESPACE)
     return str(info.value)
 
 
-def _command_config(docs: list[dict[str, Any]], tmp_path: Path) -> tuple[list[str], Any]:
+def trainer_command_and_config(docs: list[dict[str, Any]], tmp_path: Path) -> tuple[list[str], Any]:
     """The trainer's command, and the TrainConfig it resolves to (as `opd train` would)."""
     from trainer.config import load_config
 

@@ -14,7 +14,7 @@ from tests.code_defaults import trainer_metrics_port
 from tests.helm_render import (
     EVERYTHING,
     RELEASE,
-    _chart,
+    chart,
     find,
     render,
     trainer_job,
@@ -72,7 +72,7 @@ def test_grafana_dashboards_are_the_compose_files() -> None:
     # the chart's dashboards/ (a link to deploy/grafana/dashboards/) as Helm loads it
     chart_files = {
         Path(f["name"]).name: f["data"]
-        for f in _chart().files
+        for f in chart().files
         if f["name"].startswith("dashboards/")
     }
     assert chart_files == files

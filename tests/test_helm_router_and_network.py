@@ -20,12 +20,12 @@ from tests.helm_render import (
     EVERYTHING,
     RELEASE,
     VARIANTS,
-    _command_config,
     container,
     env,
     find,
     render,
     render_fails,
+    trainer_command_and_config,
 )
 from tests.scripts import REPO_ROOT
 
@@ -52,7 +52,7 @@ def test_router_in_front_of_the_teacher_pool(tmp_path: Path) -> None:
     ]
     assert "--policy=power_of_two" in args and "--health-check-endpoint=/ready" in args
     assert "--api-key=$(OPD_API_KEY)" in args and "OPD_API_KEY" in env(container(router))
-    _, cfg = _command_config(docs, tmp_path)
+    _, cfg = trainer_command_and_config(docs, tmp_path)
     assert cfg.services.teacher_urls == [f"http://{RELEASE}-router:8001"]  # not the pods
     assert "2 teacher replicas" in render_fails({"router": {"enabled": True}})
     render({"router": {"enabled": True, "policy": "round_robin"}})  # one teacher is fine then

@@ -18,13 +18,13 @@ from tests.helm_render import (
     MULTI_NODE,
     RELEASE,
     VARIANTS,
-    _command_config,
     container,
     env,
     find,
     mounts,
     render,
     render_fails,
+    trainer_command_and_config,
     trainer_config_text,
     trainer_job,
 )
@@ -67,7 +67,7 @@ def test_weights_dir_is_shared_between_rollout_and_trainer() -> None:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_trainer_command_is_a_valid_config(variant: str, tmp_path: Path) -> None:
     docs = render(VARIANTS[variant])
-    cmd, cfg = _command_config(docs, tmp_path)
+    cmd, cfg = trainer_command_and_config(docs, tmp_path)
     assert "--resume=/shared/runs/opd_gsm8k" in cmd
     assert cfg.run_dir == "/shared/runs/opd_gsm8k"
     assert cfg.logging.metrics_port == trainer_metrics_port()
@@ -110,7 +110,7 @@ def test_trainer_config_is_the_reference_example(tmp_path: Path) -> None:
     config once the chart's in-cluster settings are applied to both)."""
     from trainer.config import load_config
 
-    _, cfg = _command_config(render(), tmp_path)
+    _, cfg = trainer_command_and_config(render(), tmp_path)
     in_cluster = [
         f"run_dir={cfg.run_dir}",
         "services.teacher_url=null",
@@ -179,14 +179,14 @@ def test_replicas_from_values(tmp_path: Path) -> None:
         assert sts["spec"]["podManagementPolicy"] == "Parallel"
         assert find(docs, "Service", sts["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
     # The trainer lists every pod of both pools by its headless-Service DNS name.
-    _, cfg = _command_config(docs, tmp_path)
+    _, cfg = trainer_command_and_config(docs, tmp_path)
     assert cfg.services.teacher_urls == [
         f"http://{RELEASE}-teacher-{i}.{RELEASE}-teacher-headless:8001" for i in range(3)
     ]
     assert cfg.services.rollout_urls == [
         f"http://{RELEASE}-rollout-{i}.{RELEASE}-rollout-headless:8002" for i in range(2)
     ]
-    _, cfg = _command_config(render(), tmp_path)
+    _, cfg = trainer_command_and_config(render(), tmp_path)
     assert (cfg.services.teacher_urls, cfg.services.rollout_urls) == (
         [f"http://{RELEASE}-teacher-0.{RELEASE}-teacher-headless:8001"],
         [f"http://{RELEASE}-rollout-0.{RELEASE}-rollout-headless:8002"],

@@ -24,7 +24,7 @@ from tests.helm_render import (
     CHART,
     EVERYTHING,
     VARIANTS,
-    _chart,
+    chart,
     render,
     render_fails,
     render_files,
@@ -118,7 +118,7 @@ def test_schema_rejects_bad_values(values: dict[str, Any], where: str) -> None:
 
 def test_schema_accepts_the_defaults_and_variants() -> None:
     for values in VARIANTS.values():
-        _chart().validate_schema(values)
+        chart().validate_schema(values)
 
 
 def test_values_do_not_leak_between_renders() -> None:
