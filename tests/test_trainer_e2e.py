@@ -269,8 +269,8 @@ def test_two_process_fsdp_matches_one_process(tmp_path, services, tiny_models, g
     )
     # Two ranks sum the gradient in another order. Adam divides each entry by its own magnitude,
     # so an entry whose gradient is near Adam's eps turns that rounding into up to ~1 % of an
-    # lr-sized step (measured: 1.2e-5 at lr 2e-3 on an AMX Xeon, under 1e-5 on an AMD EPYC). A dropped or
-    # unreduced gradient moves entries by up to 2 x lr = 4e-3, far above this tolerance.
+    # lr-sized step (measured: 1.2e-5 at lr 2e-3 on an AMX Xeon, under 1e-5 on an AMD EPYC).
+    # A dropped or unreduced gradient moves entries by up to 2 x lr = 4e-3, far above this.
     _assert_same_weights(
         _final_weights(tmp_path / "single"), _final_weights(tmp_path / "fsdp"), rtol=1e-4, atol=1e-4
     )
