@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 
 import pytest
 
 from services.launch import ServiceProcess, free_port, start_service
+from tests.scripts import REPO_ROOT
 
-__all__ = ["REPO_ROOT", "ServerHandle", "free_port", "server_factory", "start_server"]
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["ServerHandle", "free_port", "server_factory", "start_server"]
 
 #: What the tests call a running server: the launcher's handle (``base_url``, ``proc``,
 #: ``port``, ``logs()``, ``wait_ready()``, ``alive()``, ``stop()``).

@@ -32,12 +32,11 @@ from opd.demo_report import (
     results_json,
     student_rows,
 )
+from tests.scripts import REPO_ROOT
 from trainer.config_sections import TeacherContextConfig
 from trainer.data import build_messages, load_gsm8k
 from trainer.plots import EVAL_PROGRESS_FILE, eval_progress, plot_eval_progress
 from trainer.teacher_context import TeacherContext, split_few_shot
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = [
     "rollout.prompts_per_step=2",

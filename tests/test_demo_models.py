@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 
 from opd import demo_models as dm
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.scripts import REPO_ROOT
 
 
 def _cache_dir() -> Path:

@@ -13,9 +13,8 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from tests.scripts import load_script
+from tests.scripts import REPO_ROOT, load_script
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH = REPO_ROOT / "bench"
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "kl_by_position.py"
+SCRIPT = Path("bench") / "kl_by_position.py"  # load_script resolves it from the repository root
 
 
 @pytest.fixture(scope="module")

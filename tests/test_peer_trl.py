@@ -10,7 +10,7 @@ import pytest
 from tests.scripts import load_script
 from trainer.config import load_config
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "peer_trl.py"
+SCRIPT = Path("bench") / "peer_trl.py"  # load_script resolves it from the repository root
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.scripts import REPO_ROOT
 from trainer.cli import train_main
 from trainer.config import (
     ConfigError,
@@ -20,8 +21,7 @@ from trainer.config import (
     parse_override,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples" / "opd_gsm8k"
+EXAMPLES = REPO_ROOT / "examples" / "opd_gsm8k"
 MINIMAL = ["student.model=some/model"]
 
 
@@ -222,7 +222,7 @@ def test_opd_train_subprocess_invalid_config_is_fast(tmp_path: Path) -> None:
         [sys.executable, "-m", "trainer", str(path)],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=REPO_ROOT,
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
@@ -230,7 +230,7 @@ def test_opd_train_subprocess_invalid_config_is_fast(tmp_path: Path) -> None:
 
 
 def test_generated_docs_are_up_to_date() -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
     try:
         import gen_config_docs
     finally:

@@ -70,7 +70,6 @@ def test_short_service_context_is_refused(cfg) -> None:
         check_services(cfg, _info("teacher", max_model_len=512), _info("student_rollout"))
 
 
-
 def _with(*overrides: str):
     return load_config(None, ["student.model=student-model", *overrides])
 

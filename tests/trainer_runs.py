@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.servers import REPO_ROOT
+from tests.scripts import REPO_ROOT
 
 
 def _rollout_args(model: Path, weights_dir: Path) -> list[str]:
