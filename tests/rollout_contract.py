@@ -16,7 +16,7 @@ from tests.rollout_weights import WeightsChecks
 # pytest runs a class's inherited tests base by base in reverse MRO order, so the bases are
 # listed last-to-run first: sampling, then requests, then weights, then test_metrics below.
 class RolloutContract(WeightsChecks, RequestChecks, SamplingChecks):
-    """All the checks; subclasses set the server and the tolerance (see `RolloutServer`)."""
+    """All the checks; a backend mixin (tests/backends.py) sets the server and the tolerance."""
 
     def test_metrics(self, client):
         text = client.get("/metrics").text

@@ -7,7 +7,7 @@ combines, so every check of a backend runs on the same server.
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import numpy as np
@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from services.protocol import decode_array
+from tests.backends import HFServer
 from tests.rollout_reference import API_KEY, AUTH, Reference, save_dir
 from tests.servers import ServerHandle, start_server
 
@@ -22,13 +23,9 @@ MAX_N = 8
 MAX_UPLOAD = 4 * 1024 * 1024  # the tiny student is ~1.7 MB
 
 
-class RolloutServer:
-    """The server and the helpers of the checks; subclasses set the server and the tolerance."""
-
-    BACKEND_ARGS: ClassVar[list[str]] = ["--backend", "hf", "--device", "cpu"]
-    ATOL: ClassVar[float] = 1e-4
-    READY_TIMEOUT: ClassVar[float] = 180.0
-    SERVER_ENV: ClassVar[dict[str, str]] = {}
+class RolloutServer(HFServer):
+    """The server and the helpers of the checks; a backend mixin (tests/backends.py) sets the
+    server and the tolerance."""
 
     # ----------------------------------------------------------------- fixtures
 

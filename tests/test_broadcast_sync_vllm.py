@@ -9,14 +9,13 @@ server (versions only grow).
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import torch
 
+from tests.backends import VLLM_ATOL, needs_vllm
 from tests.rollout_reference import API_KEY, AUTH, Reference, perturbed, save_dir
 from tests.servers import ServerHandle, start_server
 from tests.test_broadcast_sync import (
@@ -35,13 +34,6 @@ from trainer.clients import RolloutClient
 from trainer.retry import RetryPolicy
 
 __all__ = ["env"]  # the hf replicas' fixture, for the mixed group
-
-needs_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None, reason="the vllm package is not installed"
-)
-# float32 on CPU: vLLM agrees with transformers to a few 1e-6 (tests/test_rollout_vllm.py);
-# CUDA float32 GEMMs may run in TF32.
-VLLM_ATOL = 2e-3 if torch.cuda.is_available() else 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from opd import demo_models as dm
+from tests.backends import needs_vllm
 from tests.scripts import REPO_ROOT
 
 
@@ -194,7 +195,7 @@ def test_configs_fit_vllm(demo: dm.DemoModels) -> None:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+@needs_vllm
 def test_vllm_cpu_loads_teacher(demo: dm.DemoModels, tmp_path: Path) -> None:
     script = tmp_path / "load.py"
     script.write_text(textwrap.dedent(f"""

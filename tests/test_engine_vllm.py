@@ -14,7 +14,6 @@ kind gate is tests/test_engine_vllm_kind_gate.py.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import time
 from collections.abc import Iterator
@@ -23,12 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.backends import needs_vllm
 from tests.loop_thread import LoopThread
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
-]
+pytestmark = [pytest.mark.vllm, needs_vllm]
 
 ATOL = 1e-4
 MAX_MODEL_LEN = 64

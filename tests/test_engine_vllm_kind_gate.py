@@ -8,14 +8,12 @@ other tests (tests/test_engine_vllm.py), so `-m vllm` selects the backend's test
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 
 import pytest
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
-]
+from tests.backends import needs_vllm
+
+pytestmark = [pytest.mark.vllm, needs_vllm]
 
 
 def test_kind_gate_keeps_conflicting_kinds_apart():

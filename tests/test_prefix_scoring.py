@@ -10,7 +10,6 @@ engine; vLLM is slow to start).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 import os
 import time
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from services.engine import EngineConfig, ScoreInput, make_engine
 from services.engine.hf.prefix import MIN_SHARED, build_tree, pack_shared
+from tests.backends import needs_vllm
 
 ATOL = 2e-5  # float32 rounding of a differently batched forward is ~1e-6 here
 
@@ -289,7 +289,7 @@ def vllm_engine(tiny_models):
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+@needs_vllm
 def test_vllm_prompt_path_reads_the_prefix_cache_exactly(vllm_engine, ref_model):
     from services.engine.vllm.scoring import prefix_stats, set_prefix_sharing
 

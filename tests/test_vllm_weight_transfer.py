@@ -9,7 +9,6 @@ whole path through a running vLLM replica is tested in tests/test_broadcast_sync
 from __future__ import annotations
 
 import gc
-import importlib.util
 import threading
 from datetime import timedelta
 from types import SimpleNamespace
@@ -22,14 +21,10 @@ from torch.distributed import TCPStore
 from services.engine.base import WeightsError
 from services.protocol import BroadcastInitRequest, BroadcastRequest
 from services.student_rollout.broadcast_group import open_group, pack, prefixed_store
+from tests.backends import needs_vllm
 from tests.rollout_reference import perturbed
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None, reason="the vllm package is not installed"
-    ),
-]
+pytestmark = [pytest.mark.vllm, needs_vllm]
 
 
 def test_vllm_worker_side_checks_what_it_receives(tiny_models):

