@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.backends import VLLM_ATOL, needs_vllm
+from tests.backends import VLLM_ATOL, VLLMServer, needs_vllm
 from tests.rollout_reference import API_KEY, AUTH, Reference, perturbed, save_dir
 from tests.servers import ServerHandle, start_server
 from tests.test_broadcast_sync import (
@@ -43,22 +43,13 @@ def vllm_env(tiny_models, tmp_path_factory) -> Any:
     weights = tmp_path_factory.mktemp("broadcast-vllm") / "weights"
     weights.mkdir()
     args = [
-        "--model",
-        str(tiny_models["student"]),
-        "--backend",
-        "vllm",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "1024",
-        "--max-num-seqs",
-        "16",
-        "--weights-dir",
-        str(weights),
+        "--model", str(tiny_models["student"]), "--dtype", "float32",
+        "--weights-dir", str(weights), *VLLMServer.BACKEND_ARGS,
     ]
-    env = {"OPD_API_KEY": API_KEY, "VLLM_CPU_KVCACHE_SPACE": "1", FAULT_VERSIONS_ENV: "4,6"}
-    handle = start_server("tests.weight_faults", args, env=env, ready_timeout=600.0)
+    env = {**VLLMServer.SERVER_ENV, "OPD_API_KEY": API_KEY, FAULT_VERSIONS_ENV: "4,6"}
+    handle = start_server(
+        "tests.weight_faults", args, env=env, ready_timeout=VLLMServer.READY_TIMEOUT
+    )
     retry = RetryPolicy(max_attempts=2, deadline_s=5.0)
     client = RolloutClient(
         "rollout", handle.base_url, api_key=API_KEY, timeout_s=120.0, retry=retry
