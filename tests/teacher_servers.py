@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.backends import VLLMServer
 from tests.servers import ServerHandle, start_server
 
 KEY = "test-key"
@@ -42,7 +43,7 @@ def _vllm_available() -> bool:
 def _start_vllm(tiny_models) -> ServerHandle:
     """The vLLM (CPU build here) teacher: eager, float32, 1 GiB of KV cache."""
     args = _server_args(tiny_models["teacher"], "vllm", "--enforce-eager")
-    env = {"OPD_API_KEY": KEY, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**VLLMServer.SERVER_ENV, "OPD_API_KEY": KEY}
     return start_server("services.teacher", args, env=env, wait=False)
 
 

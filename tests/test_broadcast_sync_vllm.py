@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.backends import VLLM_ATOL, VLLMServer, needs_vllm
+from tests.backends import VLLMServer, needs_vllm
 from tests.rollout_reference import API_KEY, AUTH, Reference, perturbed, save_dir
 from tests.servers import ServerHandle, start_server
 from tests.test_broadcast_sync import (
@@ -60,7 +60,7 @@ def vllm_env(tiny_models, tmp_path_factory) -> Any:
             "weights": [weights],
             "clients": [client],
             "ref": Reference(tiny_models["student"]),
-            "atol": VLLM_ATOL,
+            "atol": VLLMServer.ATOL,
         }
     finally:
         client.close()

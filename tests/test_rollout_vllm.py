@@ -4,7 +4,7 @@ The same ordered checks as tests/test_rollout_http.py (`RolloutContract`, in
 tests/rollout_contract.py), on one server for the module: `--enforce-eager`, float32. Logprobs
 are compared with a transformers forward of the same token ids; vLLM computes them with its
 own kernels (CPU attention, fused RMSNorm, its own sampler); on CPU they agree to a few 1e-6,
-see `VLLM_ATOL` in tests/backends.py.
+see `VLLMServer.ATOL` in tests/backends.py.
 """
 
 from __future__ import annotations
@@ -18,4 +18,4 @@ pytestmark = [pytest.mark.vllm, needs_vllm]
 
 
 class TestRolloutVLLM(VLLMServer, RolloutContract):
-    """vllm backend: the same contract, float32, eager mode (tolerance: `VLLM_ATOL`)."""
+    """vllm backend: the same contract, float32, eager mode (tolerance: `VLLMServer.ATOL`)."""
