@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from services.protocol import decode_array
+from tests.backends import VLLMServer
 from tests.servers import ServerHandle
 from tests.teacher_reference import Reference, _random_ids, ref
 from tests.teacher_servers import (
@@ -42,13 +43,6 @@ def vllm_teacher(request, tiny_models) -> Any:
         srv.stop()
 
 
-# vLLM computes in its own kernels (fused attention, its own matmul order): the same math, a
-# different float32 summation order. Measured on the tiny model (T = 0.7, 1, 2; top-4):
-# max |vLLM - transformers| = 6e-6; 1e-4 keeps a 16x margin for other CPUs' SIMD widths and
-# still catches a wrong position or temperature (those are off by whole nats).
-VLLM_TOL = 1e-4
-
-
 @pytest.mark.vllm
 def test_vllm_score_matches_transformers(vllm_teacher: ServerHandle, ref: Reference) -> None:
     rng = np.random.default_rng(5)
@@ -60,10 +54,10 @@ def test_vllm_score_matches_transformers(vllm_teacher: ServerHandle, ref: Refere
         assert r.status_code == 200, r.text
         for item, (ids, start) in zip(r.json()["data"], seqs, strict=True):
             values, top_ids, top_lps = ref.logprobs(ids, start, temperature, top_k=4)
-            np.testing.assert_allclose(decode_array(item["logprobs"]), values, atol=VLLM_TOL,
+            atol = VLLMServer.ATOL
+            np.testing.assert_allclose(decode_array(item["logprobs"]), values, atol=atol, rtol=0)
+            np.testing.assert_allclose(decode_array(item["top_logprobs"]), top_lps, atol=atol,
                                        rtol=0)
-            np.testing.assert_allclose(decode_array(item["top_logprobs"]), top_lps,
-                                       atol=VLLM_TOL, rtol=0)
             assert (decode_array(item["top_token_ids"])[:, 0] == top_ids[:, 0]).all()
 
 
@@ -79,7 +73,7 @@ def test_vllm_openai_client_and_metrics(vllm_teacher: ServerHandle, ref: Referen
                                  logprobs=2)
     p_ids = ref.tokenizer(prompt)["input_ids"]
     np.testing.assert_allclose(echo.choices[0].logprobs.token_logprobs[1:],
-                               ref.logprobs(p_ids, 1)[0], atol=VLLM_TOL, rtol=0)
+                               ref.logprobs(p_ids, 1)[0], atol=VLLMServer.ATOL, rtol=0)
     chat = oc.chat.completions.create(
         model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
         logprobs=True, top_logprobs=2)
