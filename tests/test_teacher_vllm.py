@@ -47,6 +47,7 @@ def vllm_teacher(request, tiny_models) -> Any:
 def test_vllm_score_matches_transformers(vllm_teacher: ServerHandle, ref: Reference) -> None:
     rng = np.random.default_rng(5)
     seqs = [(_random_ids(rng, n), s) for n, s in [(12, 1), (50, 20), (MAX_MODEL_LEN, 64)]]
+    atol = VLLMServer.ATOL
     for temperature in (1.0, 0.7):
         r = httpx.post(vllm_teacher.base_url + "/v1/score", headers=AUTH, timeout=120, json={
             "sequences": [{"token_ids": ids, "start": s} for ids, s in seqs],
@@ -54,7 +55,6 @@ def test_vllm_score_matches_transformers(vllm_teacher: ServerHandle, ref: Refere
         assert r.status_code == 200, r.text
         for item, (ids, start) in zip(r.json()["data"], seqs, strict=True):
             values, top_ids, top_lps = ref.logprobs(ids, start, temperature, top_k=4)
-            atol = VLLMServer.ATOL
             np.testing.assert_allclose(decode_array(item["logprobs"]), values, atol=atol, rtol=0)
             np.testing.assert_allclose(decode_array(item["top_logprobs"]), top_lps, atol=atol,
                                        rtol=0)
